@@ -1,0 +1,1 @@
+"""secura-plugins."""
