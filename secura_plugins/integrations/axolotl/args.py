@@ -1,0 +1,198 @@
+"""The ``secura:`` block of an axolotl YAML, as a pydantic model merged into axolotl's schema.
+
+Axolotl merges :class:`SecuraArgs` into its config class when the plugin is listed in
+``plugins:``. Every field of the adapter part defaults to ``None``, which means "the
+library's default" (see :class:`secura_plugins.AdapterConfig`); the values are checked
+once more by ``AdapterConfig`` itself, so axolotl and the Python API reject the same
+things with the same messages.
+
+Example YAML::
+
+    plugins:
+      - secura_plugins.integrations.axolotl.SecuraPlugin
+    adapter: secura
+    secura:
+      method: secura
+      r: 16
+      merge: m1
+      merge_every: 16
+
+Errors happen at config time and name the field and the fix, e.g. a misspelt
+``secura.merge_evry`` gives ``secura.merge_evry: unknown field; did you mean
+'merge_every'? ...``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+#: The value of ``adapter:`` that this plugin owns.
+ADAPTER_NAME = "secura"
+#: Dotted path users put under ``plugins:``.
+PLUGIN_PATH = "secura_plugins.integrations.axolotl.SecuraPlugin"
+
+# Top-level axolotl LoRA fields used when the ``secura:`` block leaves a value unset, so
+# a YAML switched from ``adapter: lora`` to ``adapter: secura`` keeps its rank and targets.
+_LORA_FALLBACKS = {
+    "r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "target_modules": "lora_target_modules",
+}
+
+
+class SecuraSettings(BaseModel):
+    """Settings of the ``secura:`` block. ``None`` means the library's default."""
+
+    method: str | None = Field(
+        default=None,
+        description="Adapter method: secura (default), curlora, sclora, lora, dora, or a "
+        "method registered by a third-party secura_plugins plugin.",
+    )
+    r: int | None = Field(
+        default=None,
+        description="Rank: rows/columns of W kept by SECURA and CURLoRA, LoRA rank otherwise. "
+        "Falls back to lora_r.",
+    )
+    k: int | None = Field(default=None, description="SECURA core width (A is r x k). None: 4 r.")
+    target_modules: list[str] | str | None = Field(
+        default=None,
+        description="Module-name suffixes to adapt, or 'all-linear'. Falls back to "
+        "lora_target_modules (or 'all-linear' with lora_target_linear: true).",
+    )
+    smagnorm: str | None = Field(
+        default=None, description="S-MagNorm gate: normalized (default), released or off."
+    )
+    smagnorm_scale: float | None = Field(default=None, description="S-MagNorm sigmoid sharpness.")
+    merge: str | None = Field(
+        default=None, description="SECURA merge strategy: m1 (default), m2 or none."
+    )
+    merge_every: int | None = Field(default=None, description="Optimizer steps between merges.")
+    output_bias: bool | None = Field(default=None, description="Train SECURA's output bias b_L.")
+    a_init: str | None = Field(default=None, description="Init of SECURA's A: orthogonal, released.")
+    beta: float | None = Field(default=None, description="SC-LoRA preservation trade-off in [0, 1].")
+    lora_alpha: float | None = Field(
+        default=None, description="Scaling numerator (output x lora_alpha / r). Falls back to lora_alpha."
+    )
+    lora_dropout: float | None = Field(
+        default=None, description="Adapter input dropout. Falls back to lora_dropout."
+    )
+    adapter_dtype: str | None = Field(
+        default=None, description="dtype of adapter tensors: float32 (default), bfloat16, float16."
+    )
+    eps: float | None = Field(default=None, description="Epsilon of S-MagNorm's relative change.")
+    seed: int | None = Field(default=None, description="Seed of every random choice.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        names = list(cls.model_fields)
+        for key in data:
+            if key not in names:
+                hint = difflib.get_close_matches(str(key), names, n=1)
+                fix = f"did you mean {hint[0]!r}? " if hint else ""
+                raise ValueError(
+                    f"secura.{key}: unknown field; {fix}valid fields: {', '.join(names)}"
+                )
+        return data
+
+    def adapter_fields(self) -> dict[str, Any]:
+        """The fields that were set, as keyword arguments of ``AdapterConfig``."""
+        return self.model_dump(exclude_none=True)
+
+
+class SecuraArgs(BaseModel):
+    """Plugin entry merged into axolotl's config: one nested ``secura:`` block."""
+
+    secura: SecuraSettings | None = Field(
+        default=None,
+        description=f"SECURA / CURLoRA / SC-LoRA adapter settings, used with `adapter: secura`. "
+        f"Needs `{PLUGIN_PATH}` under `plugins:`.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_secura_run(cls, data: Any) -> Any:
+        """Config-time checks of a whole ``adapter: secura`` config (raw YAML dict)."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("adapter") != ADAPTER_NAME:
+            return data
+        _reject_misspelt_block(data)
+        if data.get("load_in_8bit"):
+            raise ValueError(
+                "load_in_8bit: adapter: secura trains on full-precision or bitsandbytes 4-bit "
+                "bases; set load_in_4bit: true (and load_in_8bit: false) instead"
+            )
+        if data.get("merge_lora"):
+            raise ValueError(
+                "merge_lora: axolotl's merge-lora merges plain LoRA only and would write a "
+                "wrong model for adapter: secura; run `python -m "
+                "secura_plugins.integrations.axolotl.cli merge <config.yml>` instead"
+            )
+        if data.get("rl"):
+            raise ValueError(
+                f"rl: adapter: secura supports supervised fine-tuning only, got rl: "
+                f"{data.get('rl')!r}; remove rl or use adapter: lora"
+            )
+        adapter_config_from_cfg(data)  # raises SecuraConfigError naming the field and fix
+        return data
+
+
+def _reject_misspelt_block(data: dict[str, Any]) -> None:
+    """Axolotl silently drops unknown top-level keys; catch ``secrua:`` and friends."""
+    for key in data:
+        if (
+            isinstance(key, str)
+            and key != ADAPTER_NAME
+            and difflib.get_close_matches(key, [ADAPTER_NAME], n=1, cutoff=0.8)
+        ):
+            raise ValueError(f"{key}: unknown top-level key; did you mean `{ADAPTER_NAME}:`?")
+
+
+def adapter_settings_from_cfg(cfg: Any) -> dict[str, Any]:
+    """``AdapterConfig`` keyword arguments of an axolotl config (raw dict or DictDefault).
+
+    Values of the ``secura:`` block win; unset ones fall back to axolotl's ``lora_r``,
+    ``lora_alpha``, ``lora_dropout`` and ``lora_target_modules`` / ``lora_target_linear``.
+    """
+    block = cfg.get("secura") or {}
+    if isinstance(block, SecuraSettings):
+        settings = block.adapter_fields()
+    else:
+        settings = SecuraSettings.model_validate(dict(block)).adapter_fields()
+    for ours, theirs in _LORA_FALLBACKS.items():
+        if ours not in settings and cfg.get(theirs) is not None:
+            settings[ours] = cfg.get(theirs)
+    if "target_modules" not in settings and cfg.get("lora_target_linear"):
+        settings["target_modules"] = "all-linear"
+    return settings
+
+
+def adapter_config_from_cfg(cfg: Any):
+    """The :class:`secura_plugins.AdapterConfig` of an axolotl config (see above)."""
+    from secura_plugins import AdapterConfig
+
+    try:
+        return AdapterConfig.from_dict(adapter_settings_from_cfg(cfg))
+    except ValueError as exc:
+        # Name the YAML path: `secura.<field>` reads better in an axolotl error.
+        field = getattr(exc, "field", None)
+        if field is not None and not str(exc).startswith("secura."):
+            raise ValueError(f"secura.{exc}") from exc
+        raise
+
+
+__all__ = [
+    "ADAPTER_NAME",
+    "PLUGIN_PATH",
+    "SecuraArgs",
+    "SecuraSettings",
+    "adapter_config_from_cfg",
+    "adapter_settings_from_cfg",
+]

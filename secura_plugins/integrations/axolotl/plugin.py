@@ -1,0 +1,200 @@
+"""Axolotl plugin that makes ``adapter: secura`` a first-class adapter (4-bit included).
+
+Hook points used in axolotl 0.19 (every hook returns at once when the config is not an
+``adapter: secura`` one):
+
+- ``get_input_args`` / ``get_adapter_capabilities``: the ``secura:`` block joins the
+  schema and ``adapter: secura`` validates.
+- ``register(cfg)`` (raw config, before validation): turns off axolotl's fused
+  ``lora_*_kernel`` patches, which compute plain ``x A B`` and would bypass SECURA's
+  layers, and, with ``load_in_4bit: true``, makes axolotl's ``ModelLoader`` pass a
+  bitsandbytes 4-bit ``BitsAndBytesConfig`` (axolotl builds one only for the literal
+  ``qlora``).
+- ``post_model_build(cfg, model)``: k-bit preparation of the 4-bit base, where axolotl
+  does it for ``qlora``.
+- ``load_adapter(model, cfg, ...)``: builds the SECURA ``PeftModel`` (or loads a saved
+  adapter from ``lora_model_dir``, the path of ``axolotl inference`` and of a second
+  continual task).
+- ``add_callbacks_pre_trainer(cfg, model)``: adds the library's ``SecuraCallback``
+  (M1/M2 merges, metrics, EWC gradient); it is created before the trainer so that its
+  ``on_init_end`` runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from axolotl.integrations.base import AdapterCapabilities, BasePlugin
+from axolotl.utils.dict import DictDefault
+from axolotl.utils.logging import get_logger
+
+from .args import ADAPTER_NAME, PLUGIN_PATH, adapter_config_from_cfg
+
+LOG = get_logger(__name__)
+
+#: Axolotl's fused LoRA kernels: they read ``lora_A``/``lora_B`` directly and skip the
+#: layer's forward, so SECURA's CABR product, S-MagNorm and merged state would be ignored.
+FUSED_LORA_KERNEL_FIELDS = (
+    "lora_mlp_kernel",
+    "lora_qkv_kernel",
+    "lora_o_kernel",
+    "lora_embedding_kernel",
+)
+
+
+def is_secura_cfg(cfg: Any) -> bool:
+    """True when an axolotl config (raw dict or ``DictDefault``) asks for ``adapter: secura``."""
+    return cfg is not None and cfg.get("adapter") == ADAPTER_NAME
+
+
+def bnb_4bit_config(compute_dtype: torch.dtype, overrides: dict[str, Any] | None = None):
+    """The ``BitsAndBytesConfig`` axolotl uses for ``qlora``, for ``adapter: secura``.
+
+    NF4 with double quantization, compute in ``compute_dtype`` (axolotl's resolved
+    ``torch_dtype``); ``overrides`` are the user's ``bnb_config_kwargs``.
+    """
+    from transformers import BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {
+        "load_in_4bit": True,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_quant_storage": torch.bfloat16,
+    }
+    kwargs.update(dict(overrides or {}))
+    return BitsAndBytesConfig(**kwargs)
+
+
+def install_4bit_loading() -> None:
+    """Teach axolotl's ``ModelLoader`` to load ``adapter: secura`` bases in 4 bit.
+
+    ``ModelLoader._set_quantization_config`` fills ``model_kwargs["quantization_config"]``
+    before any plugin hook runs, and only for ``adapter: qlora``; no hook can reach
+    ``model_kwargs`` afterwards. This wraps that one method (idempotently): after the
+    original ran, an ``adapter: secura`` + ``load_in_4bit`` config without a
+    quantization config gets the same NF4 config as ``qlora``.
+    """
+    from axolotl.loaders.model import ModelLoader
+
+    if getattr(ModelLoader, "_secura_4bit_installed", False):
+        return
+    original = ModelLoader._set_quantization_config
+
+    @functools.wraps(original)
+    def _set_quantization_config(self) -> None:
+        original(self)
+        if (
+            is_secura_cfg(self.cfg)
+            and self.cfg.load_in_4bit
+            and "quantization_config" not in self.model_kwargs
+        ):
+            self.model_kwargs["quantization_config"] = bnb_4bit_config(
+                self.cfg.torch_dtype or torch.float32, self.cfg.bnb_config_kwargs
+            )
+            LOG.info("adapter: secura: loading the base model in bitsandbytes 4-bit (nf4)")
+
+    ModelLoader._set_quantization_config = _set_quantization_config
+    ModelLoader._secura_4bit_installed = True
+
+
+def count_4bit_linears(model: torch.nn.Module) -> int:
+    """Number of bitsandbytes ``Linear4bit`` modules in ``model``."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return 0
+    return sum(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def _secura_callback(cfg: DictDefault, model: Any):
+    """The host callback of the library (merges, metrics, EWC), configured from ``cfg``."""
+    from secura_plugins.integrations.trl import SecuraCallback
+
+    return SecuraCallback()
+
+
+class SecuraPlugin(BasePlugin):
+    """``adapter: secura`` for axolotl: SECURA, CURLoRA and SC-LoRA adapters, fp or 4-bit.
+
+    Add ``secura_plugins.integrations.axolotl.SecuraPlugin`` under ``plugins:`` and set
+    ``adapter: secura`` plus an optional ``secura:`` block (see ``args.py``).
+    """
+
+    def get_input_args(self) -> str:
+        return "secura_plugins.integrations.axolotl.args.SecuraArgs"
+
+    def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
+        # Not lora_like: axolotl must never fall back to its plain LoRA loader for us.
+        return [AdapterCapabilities(name=ADAPTER_NAME, lora_like=False, relora=False)]
+
+    def register(self, cfg: dict) -> None:
+        if not is_secura_cfg(cfg):
+            return
+        enabled = [name for name in FUSED_LORA_KERNEL_FIELDS if cfg.get(name)]
+        for name in FUSED_LORA_KERNEL_FIELDS:
+            cfg[name] = False
+        if enabled:
+            LOG.warning(
+                "adapter: secura: turned off %s; axolotl's fused LoRA kernels bypass the "
+                "SECURA layers' forward pass (remove them from the YAML to silence this)",
+                ", ".join(enabled),
+            )
+        else:
+            LOG.info("adapter: secura: axolotl's fused lora_*_kernel patches stay off")
+        if cfg.get("load_in_4bit"):
+            install_4bit_loading()
+
+    def post_model_build(self, cfg: DictDefault, model: Any) -> None:
+        if not is_secura_cfg(cfg) or not cfg.load_in_4bit:
+            return
+        if count_4bit_linears(model) == 0:
+            raise RuntimeError(
+                "load_in_4bit: true was set for adapter: secura but the base model has no "
+                "bitsandbytes Linear4bit layer; check that bitsandbytes is installed and "
+                f"that `{PLUGIN_PATH}` is listed under plugins:"
+            )
+        from peft import prepare_model_for_kbit_training
+
+        LOG.info("adapter: secura: preparing the 4-bit base with prepare_model_for_kbit_training")
+        prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
+            gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs,
+        )
+
+    def load_adapter(
+        self,
+        model: Any,
+        cfg: DictDefault,
+        inference: bool = False,
+        config_only: bool = False,
+    ) -> tuple[Any, Any] | None:
+        if not is_secura_cfg(cfg):
+            return None
+        import secura_plugins as core
+
+        config = adapter_config_from_cfg(cfg)
+        if config_only:
+            raise NotImplementedError(
+                "adapter: secura cannot hand a bare PEFT config to a trainer (RL flows); "
+                "use supervised fine-tuning"
+            )
+        if cfg.lora_model_dir:
+            LOG.info("adapter: secura: loading the adapter saved in %s", cfg.lora_model_dir)
+            peft_model = core.load_adapter(model, cfg.lora_model_dir, is_trainable=not inference)
+        else:
+            LOG.info("adapter: secura: building %s adapter %s", config.method, config.to_dict())
+            peft_model = core.apply_adapter(model, config)
+        LOG.info("adapter: secura: parameters %s", core.count_parameters(peft_model))
+        peft_config = peft_model.peft_config[peft_model.active_adapter]
+        return peft_model, peft_config
+
+    def add_callbacks_pre_trainer(self, cfg: DictDefault, model: Any) -> list[Any]:
+        if not is_secura_cfg(cfg):
+            return []
+        return [_secura_callback(cfg, model)]
