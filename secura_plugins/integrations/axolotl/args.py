@@ -72,10 +72,15 @@ class SecuraSettings(BaseModel):
     )
     merge_every: int | None = Field(default=None, description="Optimizer steps between merges.")
     output_bias: bool | None = Field(default=None, description="Train SECURA's output bias b_L.")
-    a_init: str | None = Field(default=None, description="Init of SECURA's A: orthogonal, released.")
-    beta: float | None = Field(default=None, description="SC-LoRA preservation trade-off in [0, 1].")
+    a_init: str | None = Field(
+        default=None, description="Init of SECURA's A: orthogonal, released."
+    )
+    beta: float | None = Field(
+        default=None, description="SC-LoRA preservation trade-off in [0, 1]."
+    )
     lora_alpha: float | None = Field(
-        default=None, description="Scaling numerator (output x lora_alpha / r). Falls back to lora_alpha."
+        default=None,
+        description="Scaling numerator (output x lora_alpha / r). Falls back to lora_alpha.",
     )
     lora_dropout: float | None = Field(
         default=None, description="Adapter input dropout. Falls back to lora_dropout."

@@ -66,10 +66,9 @@ def merge_axolotl_run(
     Returns:
         The folder of the merged checkpoint.
     """
+    import secura_plugins as core
     from axolotl.cli.config import load_cfg
     from axolotl.cli.utils import load_model_and_tokenizer
-
-    import secura_plugins as core
 
     from .plugin import is_secura_cfg
 
@@ -93,10 +92,18 @@ def merge_axolotl_run(
 
 @click.command(name="secura-merge")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option("--adapter-dir", type=click.Path(file_okay=False), default=None,
-              help="Saved SECURA adapter (default: lora_model_dir or output_dir).")
-@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: <output_dir>/merged).")
+@click.option(
+    "--adapter-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Saved SECURA adapter (default: lora_model_dir or output_dir).",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder (default: <output_dir>/merged).",
+)
 def merge_command(config: str, adapter_dir: str | None, out_dir: str | None) -> None:
     """Merge an `adapter: secura` axolotl run into a dense transformers checkpoint."""
     target = merge_axolotl_run(config, adapter_dir=adapter_dir, out_dir=out_dir)

@@ -26,6 +26,7 @@ import functools
 from typing import Any
 
 import torch
+
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
