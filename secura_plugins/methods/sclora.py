@@ -168,20 +168,21 @@ def calibrate(
             }
             current: dict[str, Any] = {}
 
-            def make_hook(name: str):
+            def make_hook(target: torch.Tensor, state: dict[str, Any]):
                 def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
                     y = output.detach().float()
                     if module.bias is not None:
                         y = y - module.bias.float()
                     y = y.reshape(-1, y.shape[-1])
-                    if current["mask"] is not None:
-                        y = y[current["mask"].to(y.device)]
-                    acc[name].addmm_(y.T, y, alpha=current["coef"])
+                    if state["mask"] is not None:
+                        y = y[state["mask"].to(y.device)]
+                    target.addmm_(y.T, y, alpha=state["coef"])
 
                 return hook
 
             handles = [
-                layers[n].get_base_layer().register_forward_hook(make_hook(n)) for n in chunk
+                layers[n].get_base_layer().register_forward_hook(make_hook(acc[n], current))
+                for n in chunk
             ]
             try:
                 with model.disable_adapter():
