@@ -50,7 +50,10 @@ def make_workspace(root: Path, kind: str = "llama") -> TinyWorkspace:
 def write_config(
     ws: TinyWorkspace, name: str, overrides: dict[str, Any] | None = None, probe: bool = True
 ) -> Path:
-    """The tiny recipe with this workspace's paths and ``overrides`` (``None`` deletes a key)."""
+    """The tiny recipe with this workspace's paths and ``overrides``.
+
+    A ``None`` override deletes the key; a dict override is merged into a dict value.
+    """
     cfg = yaml.safe_load(TINY_RECIPE.read_text())
     cfg["base_model"] = str(ws.model_dir)
     cfg["datasets"][0]["path"] = str(ws.data_path)
@@ -61,6 +64,8 @@ def write_config(
     for key, value in (overrides or {}).items():
         if value is None:
             cfg.pop(key, None)
+        elif isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}  # e.g. change one field of the secura: block
         else:
             cfg[key] = value
     path = ws.root / f"{name}.yml"
@@ -80,6 +85,7 @@ def axolotl_env() -> dict[str, str]:
         DO_NOT_TRACK="1",
         CUDA_VISIBLE_DEVICES="",
         TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join(
             [str(REPO_ROOT), str(TESTS_DIR), env.get("PYTHONPATH", "")]
         ).rstrip(os.pathsep),
@@ -108,6 +114,31 @@ def run_module(args: list[str], timeout: float = 240.0) -> RunResult:
         timeout=timeout,
     )
     return RunResult(proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start)
+
+
+def run_modules_parallel(commands: list[list[str]], timeout: float = 240.0) -> list[RunResult]:
+    """Several ``python -m`` commands at once (they are import-bound, mostly one core each)."""
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", *args],
+            env=axolotl_env(),
+            cwd=str(REPO_ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for args in commands
+    ]
+    results = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        results.append(RunResult(proc.returncode, out, time.perf_counter() - start))
+    return results
 
 
 def run_axolotl_train(cfg_path: Path, timeout: float = 240.0) -> RunResult:

@@ -33,7 +33,9 @@ from axolotl.utils.logging import get_logger
 
 from .args import ADAPTER_NAME, PLUGIN_PATH, adapter_config_from_cfg
 
-LOG = get_logger(__name__)
+# A name under "axolotl." so that axolotl's log filter shows our INFO lines (it lets
+# only WARNING and above through for other loggers).
+LOG = get_logger("axolotl.integrations.secura")
 
 #: Axolotl's fused LoRA kernels: they read ``lora_A``/``lora_B`` directly and skip the
 #: layer's forward, so SECURA's CABR product, S-MagNorm and merged state would be ignored.
@@ -114,9 +116,26 @@ def count_4bit_linears(model: torch.nn.Module) -> int:
 
 def _secura_callback(cfg: DictDefault, model: Any):
     """The host callback of the library (merges, metrics, EWC), configured from ``cfg``."""
-    from secura_plugins.integrations.trl import SecuraCallback
-
+    try:
+        from secura_plugins.integrations.trl import SecuraCallback
+    except ImportError:  # interim, until the TRL integration lands on main
+        return _StepEndCallback()
     return SecuraCallback()
+
+
+class _StepEndCallback:
+    """Interim host callback: ``secura_step_end`` after every optimizer step."""
+
+    def __new__(cls) -> Any:
+        from transformers import TrainerCallback
+
+        from secura_plugins import get_plugin_manager
+
+        class StepEnd(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+                get_plugin_manager().hook.secura_step_end(model=model, step=state.global_step)
+
+        return StepEnd()
 
 
 class SecuraPlugin(BasePlugin):

@@ -1,0 +1,159 @@
+"""End-to-end tests of ``adapter: secura`` under axolotl 0.19's real training entry.
+
+Every run is ``python -m axolotl.cli.train <yaml>`` (the module ``axolotl train``
+launches) in a subprocess, on CPU and offline, with a tiny Llama and dataset written by
+the test. A probe plugin (``tests/axolotl_helpers.py``) records what the run's model
+looked like; the tests then check it from the outside and reload the saved adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("axolotl", reason="the axolotl extra is not installed")
+
+import axolotl_helpers as H  # noqa: E402
+
+N_LAYERS, N_TARGETS = 2, 7  # tiny Llama: 2 blocks x q/k/v/o/gate/up/down
+MERGE_EVERY, MAX_STEPS = 3, 8  # from the tiny recipe: merges at steps 3 and 6
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> H.TinyWorkspace:
+    return H.make_workspace(tmp_path_factory.mktemp("axolotl"))
+
+
+@pytest.fixture(scope="module")
+def fp_run(ws: H.TinyWorkspace) -> tuple[Path, H.RunResult]:
+    """Full-precision run; S-MagNorm off so that the merged export is exact."""
+    cfg = H.write_config(ws, "fp", {"secura": {"smagnorm": "off"}})
+    return cfg, H.run_axolotl_train(cfg)
+
+
+@pytest.fixture(scope="module")
+def q4_run(ws: H.TinyWorkspace) -> tuple[Path, H.RunResult]:
+    """4-bit run, with a fused LoRA kernel switched on that the plugin must turn off."""
+    cfg = H.write_config(ws, "q4", {"load_in_4bit": True, "lora_qkv_kernel": True})
+    return cfg, H.run_axolotl_train(cfg)
+
+
+def _load_base(ws: H.TinyWorkspace, four_bit: bool) -> torch.nn.Module:
+    """The base as axolotl loaded it: fp32, or NF4 with the plugin's BitsAndBytesConfig."""
+    from transformers import AutoModelForCausalLM
+
+    from secura_plugins.integrations.axolotl.plugin import bnb_4bit_config
+
+    kwargs = {"quantization_config": bnb_4bit_config(torch.float32)} if four_bit else {}
+    return AutoModelForCausalLM.from_pretrained(
+        str(ws.model_dir), dtype=torch.float32, device_map="cpu", **kwargs
+    ).eval()
+
+
+def _check_trained_run(ws: H.TinyWorkspace, run: tuple[Path, H.RunResult], four_bit: bool):
+    cfg, result = run
+    assert result.returncode == 0, H.tail(result.output)
+    out = Path(yaml_output_dir(cfg))
+    report, logits = H.read_probe(out)
+
+    # The adapted layers are SECURA layers on the expected base layers.
+    layers = report["layers"]
+    assert len(layers) == N_LAYERS * N_TARGETS
+    want_base = "Linear4bit" if four_bit else "Linear"
+    assert {layer["base_class"] for layer in layers} == {want_base}
+    if four_bit:
+        assert report["n_linear4bit"] >= N_LAYERS * N_TARGETS
+        assert "loading the base model in bitsandbytes 4-bit" in result.output
+        assert "prepare_model_for_kbit_training" in result.output
+    else:
+        assert report["n_linear4bit"] == 0
+
+    # Only SECURA tensors are trainable, every layer's core trained, merges ran, and the
+    # base is bit-identical (packed NF4 bytes included).
+    trainable = report["trainable"]
+    assert trainable and all(".lora_core." in name for name in trainable)
+    changed = set(report["changed_adapter"])
+    for layer in layers:
+        prefix = layer["name"] + ".lora_core.default."
+        assert any(k.startswith(prefix) and k in trainable for k in changed), layer["name"]
+        assert prefix + "merges" in changed, f"no M1 merge ran in {layer['name']}"
+    assert report["n_base_tensors"] > 0
+    assert report["changed_base"] == []
+
+    # The saved adapter is ours (plain PEFT refuses it) and reloads to the same logits.
+    meta = json.loads((out / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "SECURA"
+    assert meta["secura"]["method"] == "secura"
+    from secura_plugins import load_adapter
+
+    model = load_adapter(_load_base(ws, four_bit), out)
+    with torch.no_grad():
+        again = model(input_ids=torch.tensor(H.PROBE_IDS)).logits.float()
+    assert torch.equal(again, logits), (again - logits).abs().max()
+    return out, logits
+
+
+def yaml_output_dir(cfg: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(cfg.read_text())["output_dir"]
+
+
+def test_train_full_precision_reloads_same_logits(ws, fp_run):
+    _check_trained_run(ws, fp_run, four_bit=False)
+
+
+def test_train_4bit_base_is_linear4bit_and_reloads(ws, q4_run):
+    _check_trained_run(ws, q4_run, four_bit=True)
+    output = q4_run[1].output
+    assert "turned off lora_qkv_kernel" in output
+
+
+def test_secura_merge_command_exports_exact_dense_model(ws, fp_run):
+    """Our merge path: a dense transformers checkpoint with the adapted model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, result = fp_run
+    assert result.returncode == 0, H.tail(result.output)
+    out = Path(yaml_output_dir(cfg))
+    _, logits = H.read_probe(out)
+    merged = H.run_module(["secura_plugins.integrations.axolotl.cli", "merge", str(cfg)])
+    assert merged.returncode == 0, H.tail(merged.output)
+    dense = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32)
+    assert not any("lora" in name for name, _ in dense.named_parameters())
+    with torch.no_grad():
+        dense_logits = dense(input_ids=torch.tensor(H.PROBE_IDS)).logits
+    torch.testing.assert_close(dense_logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_config_errors_fail_early_and_name_the_fix(ws):
+    """Misspelt field, missing plugin, unknown method, axolotl's merge-lora: config time."""
+    cases = {
+        "typo": (
+            {"secura": {"merge_evry": 2}},
+            ["secura.merge_evry", "did you mean 'merge_every'"],
+        ),
+        "no_plugin": (
+            {"plugins": None},
+            ["Adapter 'secura' is not built in", "Add the plugin", "plugins:"],
+        ),
+        "bad_method": ({"secura": {"method": "securra"}}, ["method", "did you mean 'secura'"]),
+    }
+    commands, expected = [], []
+    for name, (overrides, needles) in cases.items():
+        cfg = H.write_config(ws, f"bad-{name}", overrides, probe=False)
+        commands.append(["axolotl.cli.train", str(cfg)])
+        expected.append((name, needles))
+    good = H.write_config(ws, "merge-lora", probe=False)
+    commands.append(["axolotl.cli.merge_lora", str(good)])
+    expected.append(("merge-lora", ["merge_lora", "secura_plugins.integrations.axolotl.cli merge"]))
+
+    for (name, needles), result in zip(expected, H.run_modules_parallel(commands), strict=True):
+        assert result.returncode != 0, f"{name}: axolotl accepted the config"
+        assert "Starting trainer" not in result.output, f"{name}: failed only after loading"
+        assert "ValidationError" in result.output, f"{name}:\n{H.tail(result.output)}"
+        for needle in needles:
+            assert needle in result.output, f"{name}: {needle!r} missing\n{H.tail(result.output)}"
