@@ -116,34 +116,17 @@ def run_module(args: list[str], timeout: float = 240.0) -> RunResult:
     return RunResult(proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start)
 
 
-def run_modules_parallel(commands: list[list[str]], timeout: float = 240.0) -> list[RunResult]:
-    """Several ``python -m`` commands at once (they are import-bound, mostly one core each)."""
-    start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", *args],
-            env=axolotl_env(),
-            cwd=str(REPO_ROOT),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for args in commands
-    ]
-    results = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - start)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        results.append(RunResult(proc.returncode, out, time.perf_counter() - start))
-    return results
-
-
 def run_axolotl_train(cfg_path: Path, timeout: float = 240.0) -> RunResult:
     """Axolotl's real training entry (the module ``axolotl train`` launches)."""
     return run_module(["axolotl.cli.train", str(cfg_path)], timeout=timeout)
+
+
+def check_configs(checks: list[tuple[str, Path]], result_path: Path) -> RunResult:
+    """Run axolotl's config loading on several YAMLs in one interpreter (see :func:`main`)."""
+    args = ["axolotl_helpers", "check-configs", str(result_path)]
+    for kind, cfg in checks:
+        args += [f"{kind}={cfg}"]
+    return run_module(args)
 
 
 def tail(text: str, lines: int = 60) -> str:
@@ -247,3 +230,46 @@ class ProbePlugin(_BasePlugin):  # type: ignore[misc,valid-type]
         save_file(
             {"logits": logits.float().cpu().contiguous()}, str(probe_dir / "logits.safetensors")
         )
+
+
+# --------------------------------------------------------------------------------------
+# Config checks in one process: python -m axolotl_helpers check-configs OUT kind=cfg ...
+# --------------------------------------------------------------------------------------
+
+
+def _check_one(kind: str, cfg: str) -> str | None:
+    """Load ``cfg`` the way ``kind`` does (``train``: axolotl's ``load_cfg``, the first step
+    of ``axolotl.cli.train``; ``merge-lora``: ``axolotl.cli.merge_lora.do_cli``, which
+    loads the config with ``merge_lora: true`` before merging). The error text, or None."""
+    try:
+        if kind == "train":
+            from axolotl.cli.config import load_cfg
+
+            load_cfg(cfg)
+        elif kind == "merge-lora":
+            from axolotl.cli.merge_lora import do_cli
+
+            do_cli(config=cfg)
+        else:
+            raise SystemExit(f"unknown check kind {kind!r}")
+    except Exception as exc:  # noqa: BLE001 - the error text is the result
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Checks run in the order given. Axolotl's ``PluginManager`` is a process-wide
+    singleton that keeps every plugin once registered, so a config that must fail for
+    lack of the plugin has to come first."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] != "check-configs":
+        raise SystemExit("usage: python -m axolotl_helpers check-configs OUT.json KIND=CFG ...")
+    results = []
+    for item in argv[2:]:
+        kind, cfg = item.split("=", 1)
+        results.append({"kind": kind, "config": cfg, "error": _check_one(kind, cfg)})
+    Path(argv[1]).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

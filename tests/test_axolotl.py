@@ -28,17 +28,27 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> H.TinyWorkspace:
 
 
 @pytest.fixture(scope="module")
-def fp_run(ws: H.TinyWorkspace) -> tuple[Path, H.RunResult]:
-    """Full-precision run; S-MagNorm off so that the merged export is exact."""
-    cfg = H.write_config(ws, "fp", {"secura": {"smagnorm": "off"}})
-    return cfg, H.run_axolotl_train(cfg)
+def runs(ws: H.TinyWorkspace) -> dict[str, tuple[Path, H.RunResult]]:
+    """The two training runs.
+
+    ``fp``: full precision, S-MagNorm off so that the merged export is exact.
+    ``q4``: 4-bit base, with a fused LoRA kernel switched on that the plugin must turn off.
+    """
+    cfgs = {
+        "fp": H.write_config(ws, "fp", {"secura": {"smagnorm": "off"}}),
+        "q4": H.write_config(ws, "q4", {"load_in_4bit": True, "lora_qkv_kernel": True}),
+    }
+    return {name: (cfg, H.run_axolotl_train(cfg)) for name, cfg in cfgs.items()}
 
 
 @pytest.fixture(scope="module")
-def q4_run(ws: H.TinyWorkspace) -> tuple[Path, H.RunResult]:
-    """4-bit run, with a fused LoRA kernel switched on that the plugin must turn off."""
-    cfg = H.write_config(ws, "q4", {"load_in_4bit": True, "lora_qkv_kernel": True})
-    return cfg, H.run_axolotl_train(cfg)
+def fp_run(runs: dict[str, tuple[Path, H.RunResult]]) -> tuple[Path, H.RunResult]:
+    return runs["fp"]
+
+
+@pytest.fixture(scope="module")
+def q4_run(runs: dict[str, tuple[Path, H.RunResult]]) -> tuple[Path, H.RunResult]:
+    return runs["q4"]
 
 
 def _load_base(ws: H.TinyWorkspace, four_bit: bool) -> torch.nn.Module:
@@ -129,31 +139,31 @@ def test_secura_merge_command_exports_exact_dense_model(ws, fp_run):
     torch.testing.assert_close(dense_logits, logits, atol=1e-5, rtol=1e-5)
 
 
-def test_config_errors_fail_early_and_name_the_fix(ws):
-    """Misspelt field, missing plugin, unknown method, axolotl's merge-lora: config time."""
-    cases = {
-        "typo": (
-            {"secura": {"merge_evry": 2}},
-            ["secura.merge_evry", "did you mean 'merge_every'"],
-        ),
-        "no_plugin": (
+def test_config_errors_fail_early_and_name_the_fix(ws, tmp_path):
+    """Misspelt field, missing plugin, unknown method and axolotl's own merge-lora are all
+    refused while axolotl loads the config, with messages that name the fix."""
+    cases = [  # (name, check kind, overrides, needles); the plugin-less config goes first
+        (
+            "no_plugin",
+            "train",
             {"plugins": None},
             ["Adapter 'secura' is not built in", "Add the plugin", "plugins:"],
         ),
-        "bad_method": ({"secura": {"method": "securra"}}, ["method", "did you mean 'secura'"]),
-    }
-    commands, expected = [], []
-    for name, (overrides, needles) in cases.items():
-        cfg = H.write_config(ws, f"bad-{name}", overrides, probe=False)
-        commands.append(["axolotl.cli.train", str(cfg)])
-        expected.append((name, needles))
-    good = H.write_config(ws, "merge-lora", probe=False)
-    commands.append(["axolotl.cli.merge_lora", str(good)])
-    expected.append(("merge-lora", ["merge_lora", "secura_plugins.integrations.axolotl.cli merge"]))
-
-    for (name, needles), result in zip(expected, H.run_modules_parallel(commands), strict=True):
-        assert result.returncode != 0, f"{name}: axolotl accepted the config"
-        assert "Starting trainer" not in result.output, f"{name}: failed only after loading"
-        assert "ValidationError" in result.output, f"{name}:\n{H.tail(result.output)}"
+        ("typo", "train", {"secura": {"merge_evry": 2}}, ["secura.merge_evry", "'merge_every'"]),
+        ("bad_method", "train", {"secura": {"method": "securra"}}, ["method", "'secura'"]),
+        ("block_typo", "train", {"secrua": {"r": 4}}, ["secrua", "`secura:`"]),
+        ("merge_lora", "merge-lora", {}, ["merge_lora", "integrations.axolotl.cli merge"]),
+    ]
+    checks = [
+        (kind, H.write_config(ws, f"bad-{name}", overrides, probe=False))
+        for name, kind, overrides, _ in cases
+    ]
+    result = H.check_configs(checks, tmp_path / "checks.json")
+    assert result.returncode == 0, H.tail(result.output)
+    outcomes = json.loads((tmp_path / "checks.json").read_text())
+    for (name, _, _, needles), outcome in zip(cases, outcomes, strict=True):
+        error = outcome["error"]
+        assert error is not None, f"{name}: axolotl accepted the config"
+        assert error.startswith("ValidationError"), f"{name}: {error}"
         for needle in needles:
-            assert needle in result.output, f"{name}: {needle!r} missing\n{H.tail(result.output)}"
+            assert needle in error, f"{name}: {needle!r} not in {error}"
