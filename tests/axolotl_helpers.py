@@ -237,24 +237,63 @@ class ProbePlugin(_BasePlugin):  # type: ignore[misc,valid-type]
 # --------------------------------------------------------------------------------------
 
 
-def _check_one(kind: str, cfg: str) -> str | None:
+def write_arch_config(root: Path, model_type: str) -> Path:
+    """A folder with only a tiny ``config.json`` of ``model_type`` (enough for config loading)."""
+    from transformers import AutoConfig
+
+    folder = Path(root) / f"arch-{model_type}"
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    config.save_pretrained(str(folder))
+    return folder
+
+
+def _check_one(kind: str, cfg: str) -> dict[str, Any]:
     """Load ``cfg`` the way ``kind`` does (``train``: axolotl's ``load_cfg``, the first step
     of ``axolotl.cli.train``; ``merge-lora``: ``axolotl.cli.merge_lora.do_cli``, which
-    loads the config with ``merge_lora: true`` before merging). The error text, or None."""
+    loads the config with ``merge_lora: true`` before merging).
+
+    Returns ``{"error": text or None}`` plus, for a config that loaded, the resolved
+    values the tests check."""
     try:
         if kind == "train":
             from axolotl.cli.config import load_cfg
 
-            load_cfg(cfg)
+            loaded = load_cfg(cfg)
         elif kind == "merge-lora":
             from axolotl.cli.merge_lora import do_cli
 
             do_cli(config=cfg)
+            return {"error": None}
         else:
             raise SystemExit(f"unknown check kind {kind!r}")
     except Exception as exc:  # noqa: BLE001 - the error text is the result
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    from secura_plugins.integrations.axolotl.args import adapter_config_from_cfg
+
+    return {
+        "error": None,
+        "adapter": loaded.adapter,
+        "load_in_4bit": bool(loaded.load_in_4bit),
+        "kernels": {
+            k: loaded.get(k)
+            for k in (
+                "lora_mlp_kernel",
+                "lora_qkv_kernel",
+                "lora_o_kernel",
+                "lora_embedding_kernel",
+            )
+        },
+        "adapter_config": adapter_config_from_cfg(loaded).to_dict(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -267,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for item in argv[2:]:
         kind, cfg = item.split("=", 1)
-        results.append({"kind": kind, "config": cfg, "error": _check_one(kind, cfg)})
+        results.append({"kind": kind, "config": cfg, **_check_one(kind, cfg)})
     Path(argv[1]).write_text(json.dumps(results, indent=1))
 
 

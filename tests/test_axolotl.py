@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("axolotl", reason="the axolotl extra is not installed")
 
@@ -107,8 +108,6 @@ def _check_trained_run(ws: H.TinyWorkspace, run: tuple[Path, H.RunResult], four_
 
 
 def yaml_output_dir(cfg: Path) -> str:
-    import yaml
-
     return yaml.safe_load(cfg.read_text())["output_dir"]
 
 
@@ -139,10 +138,22 @@ def test_secura_merge_command_exports_exact_dense_model(ws, fp_run):
     torch.testing.assert_close(dense_logits, logits, atol=1e-5, rtol=1e-5)
 
 
-def test_config_errors_fail_early_and_name_the_fix(ws, tmp_path):
-    """Misspelt field, missing plugin, unknown method and axolotl's own merge-lora are all
-    refused while axolotl loads the config, with messages that name the fix."""
-    cases = [  # (name, check kind, overrides, needles); the plugin-less config goes first
+GPU_RECIPES = {  # recipe -> model_type of its base model
+    "qwen2-1.5b-secura-4bit.yml": "qwen2",
+    "llama-3.1-8b-secura-4bit.yml": "llama",
+    "gemma-2-2b-secura-4bit.yml": "gemma2",
+}
+
+
+def test_config_time_checks(ws, tmp_path):
+    """In one interpreter, through axolotl's own config loading:
+
+    * a misspelt field, a missing plugin, an unknown method, a misspelt ``secura:`` block
+      and axolotl's own ``merge-lora`` are refused with messages that name the fix;
+    * the 24 GB GPU recipes validate (base model swapped for a tiny local config of the
+      same architecture, nothing downloaded): 4-bit on, fused kernels off, SECURA set.
+    """
+    errors = [  # (name, check kind, overrides, needles); the plugin-less config goes first
         (
             "no_plugin",
             "train",
@@ -156,14 +167,31 @@ def test_config_errors_fail_early_and_name_the_fix(ws, tmp_path):
     ]
     checks = [
         (kind, H.write_config(ws, f"bad-{name}", overrides, probe=False))
-        for name, kind, overrides, _ in cases
+        for name, kind, overrides, _ in errors
     ]
+    for recipe, model_type in GPU_RECIPES.items():
+        cfg = yaml.safe_load((H.TINY_RECIPE.parent / recipe).read_text())
+        cfg["base_model"] = str(H.write_arch_config(tmp_path, model_type))
+        cfg["output_dir"] = str(tmp_path / recipe)
+        path = tmp_path / recipe
+        path.write_text(yaml.safe_dump(cfg))
+        checks.append(("train", path))
+
     result = H.check_configs(checks, tmp_path / "checks.json")
     assert result.returncode == 0, H.tail(result.output)
     outcomes = json.loads((tmp_path / "checks.json").read_text())
-    for (name, _, _, needles), outcome in zip(cases, outcomes, strict=True):
+    assert len(outcomes) == len(errors) + len(GPU_RECIPES)
+
+    for (name, _, _, needles), outcome in zip(errors, outcomes, strict=False):
         error = outcome["error"]
         assert error is not None, f"{name}: axolotl accepted the config"
         assert error.startswith("ValidationError"), f"{name}: {error}"
         for needle in needles:
             assert needle in error, f"{name}: {needle!r} not in {error}"
+
+    for recipe, outcome in zip(GPU_RECIPES, outcomes[len(errors) :], strict=True):
+        assert outcome["error"] is None, f"{recipe}: {outcome['error']}"
+        assert outcome["adapter"] == "secura" and outcome["load_in_4bit"] is True
+        assert not any(outcome["kernels"].values()), (recipe, outcome["kernels"])
+        assert outcome["adapter_config"]["method"] == "secura"
+        assert outcome["adapter_config"]["merge"] == "m1"

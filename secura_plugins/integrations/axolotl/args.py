@@ -96,10 +96,13 @@ class SecuraSettings(BaseModel):
     def _reject_unknown_keys(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        from secura_plugins.config import FIELD_ALIASES
+
         names = list(cls.model_fields)
         for key in data:
             if key not in names:
-                hint = difflib.get_close_matches(str(key), names, n=1)
+                hint = [FIELD_ALIASES[key]] if key in FIELD_ALIASES else []
+                hint = hint or difflib.get_close_matches(str(key), names, n=1)
                 fix = f"did you mean {hint[0]!r}? " if hint else ""
                 raise ValueError(
                     f"secura.{key}: unknown field; {fix}valid fields: {', '.join(names)}"
