@@ -25,7 +25,7 @@ Errors happen at config time and name the field and the fix, e.g. a misspelt
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -44,8 +44,77 @@ _LORA_FALLBACKS = {
 }
 
 
-class SecuraSettings(BaseModel):
-    """Settings of the ``secura:`` block. ``None`` means the library's default."""
+class _StrictBlock(BaseModel):
+    """A YAML block that rejects unknown keys, naming the key, a likely fix and the fields."""
+
+    block_path: ClassVar[str] = "secura"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        from secura_plugins.config import FIELD_ALIASES
+
+        aliases = {**FIELD_ALIASES, "lambda": "lam", "lambda_": "lam", "buffer_path": "buffer"}
+        names = list(cls.model_fields)
+        for key in data:
+            if key not in names:
+                hint = [aliases[key]] if aliases.get(key) in names else []
+                hint = hint or difflib.get_close_matches(str(key), names, n=1)
+                fix = f"did you mean {hint[0]!r}? " if hint else ""
+                raise ValueError(
+                    f"{cls.block_path}.{key}: unknown field; {fix}valid fields: {', '.join(names)}"
+                )
+        return data
+
+
+class EwcSettings(_StrictBlock):
+    """``secura.ewc``: online EWC over the adapter's trainable tensors."""
+
+    block_path: ClassVar[str] = "secura.ewc"
+
+    lam: float = Field(default=1.0, ge=0.0, description="Penalty strength lambda (0 = off).")
+    gamma: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Decay of earlier tasks' Fisher (online EWC)."
+    )
+    fisher_batches: int | None = Field(
+        default=None, ge=1, description="Batches for the end-of-task Fisher (default 32)."
+    )
+    state: str | None = Field(
+        default=None,
+        description="EWC state of earlier tasks (secura_ewc.safetensors). Default: the one in "
+        "lora_model_dir, if there is one (a first task starts empty).",
+    )
+
+
+class ReplaySettings(_StrictBlock):
+    """``secura.replay``: mix rows of earlier tasks into this task's datasets."""
+
+    block_path: ClassVar[str] = "secura.replay"
+
+    ratio: float = Field(
+        default=0.05, ge=0.0, lt=1.0, description="Share of replayed rows in the mixed data."
+    )
+    capacity: int = Field(default=1000, ge=1, description="Rows the buffer keeps (reservoir).")
+    seed: int = Field(default=0, ge=0, description="Seed of the reservoir and of the sampling.")
+    buffer: str | None = Field(
+        default=None,
+        description="Replay buffer of earlier tasks (secura_replay.jsonl). Default: the one in "
+        "lora_model_dir, if there is one (a first task only fills the buffer).",
+    )
+    task: str | None = Field(
+        default=None, description="Tag of this task's rows in the buffer (default: output_dir)."
+    )
+
+
+#: ``secura:`` keys that are not ``AdapterConfig`` fields.
+CONTINUAL_KEYS = ("ewc", "replay", "probe", "probe_steps")
+
+
+class SecuraSettings(_StrictBlock):
+    """Settings of the ``secura:`` block. Adapter fields left ``None`` take the library's
+    default; ``ewc``/``replay``/``probe`` switch on the continual-learning pieces."""
 
     method: str | None = Field(
         default=None,
@@ -91,27 +160,22 @@ class SecuraSettings(BaseModel):
     eps: float | None = Field(default=None, description="Epsilon of S-MagNorm's relative change.")
     seed: int | None = Field(default=None, description="Seed of every random choice.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unknown_keys(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        from secura_plugins.config import FIELD_ALIASES
-
-        names = list(cls.model_fields)
-        for key in data:
-            if key not in names:
-                hint = [FIELD_ALIASES[key]] if key in FIELD_ALIASES else []
-                hint = hint or difflib.get_close_matches(str(key), names, n=1)
-                fix = f"did you mean {hint[0]!r}? " if hint else ""
-                raise ValueError(
-                    f"secura.{key}: unknown field; {fix}valid fields: {', '.join(names)}"
-                )
-        return data
+    ewc: EwcSettings | None = Field(default=None, description="Online EWC (see EwcSettings).")
+    replay: ReplaySettings | None = Field(
+        default=None, description="Replay of earlier tasks' rows (see ReplaySettings)."
+    )
+    probe: str | None = Field(
+        default=None,
+        description="Retention probe: a JSON-lines file of {prompt, answer} rows the model "
+        "should keep answering; logged as eval_retention_* at evaluations and at the end.",
+    )
+    probe_steps: int | None = Field(
+        default=None, ge=1, description="Also run the probe every this many training steps."
+    )
 
     def adapter_fields(self) -> dict[str, Any]:
-        """The fields that were set, as keyword arguments of ``AdapterConfig``."""
-        return self.model_dump(exclude_none=True)
+        """The adapter fields that were set, as keyword arguments of ``AdapterConfig``."""
+        return self.model_dump(exclude_none=True, exclude=set(CONTINUAL_KEYS))
 
 
 class SecuraArgs(BaseModel):
@@ -149,7 +213,28 @@ class SecuraArgs(BaseModel):
                 f"{data.get('rl')!r}; remove rl or use adapter: lora"
             )
         adapter_config_from_cfg(data)  # raises SecuraConfigError naming the field and fix
+        _check_state_files(secura_settings(data))
         return data
+
+
+def _check_state_files(settings: SecuraSettings) -> None:
+    """Explicit continual-state paths must exist (defaults may be absent: first task)."""
+    from pathlib import Path
+
+    paths = {
+        "secura.ewc.state": settings.ewc.state if settings.ewc else None,
+        "secura.replay.buffer": settings.replay.buffer if settings.replay else None,
+        "secura.probe": settings.probe,
+    }
+    for field, path in paths.items():
+        if path and not Path(path).is_file():
+            fix = (
+                "point it at an existing JSON-lines file of {prompt, answer} rows"
+                if field == "secura.probe"
+                else "point it at the file an earlier run wrote, or leave it out to use the "
+                "one in lora_model_dir"
+            )
+            raise ValueError(f"{field}: no file at {path!r}; {fix}")
 
 
 def _reject_misspelt_block(data: dict[str, Any]) -> None:
@@ -163,17 +248,28 @@ def _reject_misspelt_block(data: dict[str, Any]) -> None:
             raise ValueError(f"{key}: unknown top-level key; did you mean `{ADAPTER_NAME}:`?")
 
 
+def secura_settings(cfg: Any) -> SecuraSettings:
+    """The validated ``secura:`` block of an axolotl config (empty block if absent)."""
+    block = cfg.get("secura") or {}
+    if isinstance(block, SecuraSettings):
+        return block
+    return SecuraSettings.model_validate(_plain(block))
+
+
+def _plain(value: Any) -> Any:
+    """DictDefault / nested dicts -> plain dicts (pydantic validates plain containers)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def adapter_settings_from_cfg(cfg: Any) -> dict[str, Any]:
     """``AdapterConfig`` keyword arguments of an axolotl config (raw dict or DictDefault).
 
     Values of the ``secura:`` block win; unset ones fall back to axolotl's ``lora_r``,
     ``lora_alpha``, ``lora_dropout`` and ``lora_target_modules`` / ``lora_target_linear``.
     """
-    block = cfg.get("secura") or {}
-    if isinstance(block, SecuraSettings):
-        settings = block.adapter_fields()
-    else:
-        settings = SecuraSettings.model_validate(dict(block)).adapter_fields()
+    settings = secura_settings(cfg).adapter_fields()
     for ours, theirs in _LORA_FALLBACKS.items():
         if ours not in settings and cfg.get(theirs) is not None:
             settings[ours] = cfg.get(theirs)
@@ -199,6 +295,9 @@ def adapter_config_from_cfg(cfg: Any):
 __all__ = [
     "ADAPTER_NAME",
     "PLUGIN_PATH",
+    "CONTINUAL_KEYS",
+    "EwcSettings",
+    "ReplaySettings",
     "SecuraArgs",
     "SecuraSettings",
     "adapter_config_from_cfg",

@@ -15,9 +15,13 @@ Hook points used in axolotl 0.19 (every hook returns at once when the config is 
 - ``load_adapter(model, cfg, ...)``: builds the SECURA ``PeftModel`` (or loads a saved
   adapter from ``lora_model_dir``, the path of ``axolotl inference`` and of a second
   continual task).
+- ``load_datasets(cfg)``: replay; earlier tasks' rows join ``datasets:`` before axolotl
+  tokenizes them (returns None, so axolotl's own loader still runs).
 - ``add_callbacks_pre_trainer(cfg, model)``: adds the library's ``SecuraCallback``
-  (M1/M2 merges, metrics, EWC gradient); it is created before the trainer so that its
-  ``on_init_end`` runs.
+  (M1/M2 merges, metrics, EWC gradient, retention probe); it is created before the
+  trainer so that its ``on_init_end`` runs.
+- ``post_train(cfg, model)``: writes the EWC state and the replay buffer next to the
+  adapter for the next task (see ``continual.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
 
-from .args import ADAPTER_NAME, PLUGIN_PATH, adapter_config_from_cfg
+from .args import ADAPTER_NAME, PLUGIN_PATH, adapter_config_from_cfg, secura_settings
+from .continual import (
+    build_ewc,
+    build_replay_buffer,
+    prepare_replay_mix,
+    task_name,
+    task_rows,
+)
 
 # A name under "axolotl." so that axolotl's log filter shows our INFO lines (it lets
 # only WARNING and above through for other loggers).
@@ -114,28 +125,28 @@ def count_4bit_linears(model: torch.nn.Module) -> int:
     return sum(isinstance(m, Linear4bit) for m in model.modules())
 
 
-def _secura_callback(cfg: DictDefault, model: Any):
-    """The host callback of the library (merges, metrics, EWC), configured from ``cfg``."""
-    try:
-        from secura_plugins.integrations.trl import SecuraCallback
-    except ImportError:  # interim, until the TRL integration lands on main
-        return _StepEndCallback()
-    return SecuraCallback()
+def make_secura_callback(cfg: DictDefault) -> tuple[Any, Any]:
+    """The library's ``SecuraCallback`` for this run, and the replay buffer it hands on.
 
+    The callback runs SECURA's M1/M2 merges (``secura_step_end``) after every optimizer
+    step, logs ``secura/*`` metrics, adds the EWC gradient before each optimizer step and
+    folds the task's Fisher in at the end; the model it sees already carries the adapter
+    built by :meth:`SecuraPlugin.load_adapter`, so it builds none itself.
+    """
+    from secura_plugins.continual import load_pairs
+    from secura_plugins.integrations.trl import SecuraCallback
 
-class _StepEndCallback:
-    """Interim host callback: ``secura_step_end`` after every optimizer step."""
-
-    def __new__(cls) -> Any:
-        from transformers import TrainerCallback
-
-        from secura_plugins import get_plugin_manager
-
-        class StepEnd(TrainerCallback):
-            def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-                get_plugin_manager().hook.secura_step_end(model=model, step=state.global_step)
-
-        return StepEnd()
+    settings = secura_settings(cfg)
+    buffer = build_replay_buffer(cfg, settings)
+    callback = SecuraCallback(
+        None,
+        ewc=build_ewc(cfg, settings),
+        replay=buffer,
+        probe=load_pairs(settings.probe) if settings.probe else None,
+        probe_steps=settings.probe_steps,
+        fisher_batches=settings.ewc.fisher_batches if settings.ewc else None,
+    )
+    return callback, buffer
 
 
 class SecuraPlugin(BasePlugin):
@@ -214,7 +225,44 @@ class SecuraPlugin(BasePlugin):
         peft_config = peft_model.peft_config[peft_model.active_adapter]
         return peft_model, peft_config
 
+    def load_datasets(self, cfg: DictDefault, preprocess: bool = False) -> None:
+        # Replay: append earlier tasks' rows as one more dataset, then let axolotl load
+        # and tokenize everything as usual (returning None keeps its own loader).
+        if not is_secura_cfg(cfg):
+            return None
+        settings = secura_settings(cfg)
+        if settings.replay is not None:
+            mix = prepare_replay_mix(cfg, settings.replay)
+            if mix is not None:
+                LOG.info("adapter: secura: replaying earlier tasks' rows from %s", mix)
+        return None
+
     def add_callbacks_pre_trainer(self, cfg: DictDefault, model: Any) -> list[Any]:
+        # Before the trainer exists, so the callback's on_init_end runs.
         if not is_secura_cfg(cfg):
             return []
-        return [_secura_callback(cfg, model)]
+        self._callback, self._buffer = make_secura_callback(cfg)
+        self._finished = False
+        return [self._callback]
+
+    def post_train(self, cfg: DictDefault, model: Any) -> None:
+        # Axolotl 0.19 calls post_train twice (after trainer.train, after saving): once is
+        # enough. Hand the task's state on: EWC (consolidated at on_train_end), replay
+        # buffer with this task's rows, settings; the next task reads them through its
+        # lora_model_dir.
+        callback = getattr(self, "_callback", None)
+        if not is_secura_cfg(cfg) or callback is None or self._finished:
+            return
+        self._finished = True
+        if int(cfg.local_rank or 0) != 0:
+            return
+        if self._buffer is not None:
+            settings = secura_settings(cfg)
+            self._buffer.add(task_rows(cfg), task=task_name(cfg, settings))
+        callback.save_state(cfg.output_dir)
+        LOG.info(
+            "adapter: secura: continual state written to %s (ewc: %s, replay: %s)",
+            cfg.output_dir,
+            callback.ewc,
+            self._buffer,
+        )
