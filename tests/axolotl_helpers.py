@@ -47,6 +47,17 @@ def make_workspace(root: Path, kind: str = "llama") -> TinyWorkspace:
     return TinyWorkspace(root=root, model_dir=model_dir, data_path=data_path)
 
 
+def write_task2_data(ws: TinyWorkspace) -> Path:
+    """A second task for continual runs: 24 subtraction rows (alpaca format)."""
+    path = ws.root / "task2.jsonl"
+    rows = [
+        {"instruction": f"sub {a} from {a + b}", "input": "", "output": str(b)}
+        for a, b in ((i % 6, (5 * i) % 4) for i in range(24))
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def write_config(
     ws: TinyWorkspace, name: str, overrides: dict[str, Any] | None = None, probe: bool = True
 ) -> Path:
@@ -199,6 +210,9 @@ class ProbePlugin(_BasePlugin):  # type: ignore[misc,valid-type]
         self.trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
         self.before = {n: _tensor_bytes(t) for n, t in model.state_dict().items()}
 
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        self.train_rows = len(trainer.train_dataset)
+
     def post_train(self, cfg: Any, model: torch.nn.Module) -> None:
         # axolotl 0.19 calls post_train twice (after trainer.train and after saving);
         # the second report wins, and it is written after the adapter was saved.
@@ -217,6 +231,7 @@ class ProbePlugin(_BasePlugin):  # type: ignore[misc,valid-type]
             "changed_adapter": [k for k in changed if k not in base],
             "new_keys": sorted(set(after) - set(self.before)),
             "n_linear4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
+            "train_rows": getattr(self, "train_rows", None),
         }
         was_training = model.training
         model.eval()

@@ -32,11 +32,13 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> H.TinyWorkspace:
 def runs(ws: H.TinyWorkspace) -> dict[str, tuple[Path, H.RunResult]]:
     """The two training runs.
 
-    ``fp``: full precision, S-MagNorm off so that the merged export is exact.
+    ``fp``: full precision, S-MagNorm off so that the merged export is exact; it is also
+    task 1 of the continual test (EWC and replay on).
     ``q4``: 4-bit base, with a fused LoRA kernel switched on that the plugin must turn off.
     """
+    continual = {"ewc": {"lam": 1000.0}, "replay": {"ratio": 0.25, "task": "add"}}
     cfgs = {
-        "fp": H.write_config(ws, "fp", {"secura": {"smagnorm": "off"}}),
+        "fp": H.write_config(ws, "fp", {"secura": {"smagnorm": "off", **continual}}),
         "q4": H.write_config(ws, "q4", {"load_in_4bit": True, "lora_qkv_kernel": True}),
     }
     return {name: (cfg, H.run_axolotl_train(cfg)) for name, cfg in cfgs.items()}
@@ -138,6 +140,86 @@ def test_secura_merge_command_exports_exact_dense_model(ws, fp_run):
     torch.testing.assert_close(dense_logits, logits, atol=1e-5, rtol=1e-5)
 
 
+def test_continual_ewc_and_replay_across_two_axolotl_runs(ws, fp_run):
+    """Task 2 starts from task 1's adapter, replays its rows and feels its EWC penalty."""
+    from secura_plugins.continual import EWC, ReplayBuffer, replay_count
+
+    cfg1, result1 = fp_run
+    assert result1.returncode == 0, H.tail(result1.output)
+    task1 = Path(yaml_output_dir(cfg1))
+    # Task 1 handed on a consolidated EWC state and a buffer with its rows.
+    ewc1 = EWC.load(task1 / "secura_ewc.safetensors")
+    assert ewc1.num_tasks == 1 and ewc1.fisher
+    assert any(float(f.sum()) > 0 for f in ewc1.fisher.values())
+    assert ReplayBuffer.load(task1 / "secura_replay.jsonl").task_counts() == {"add": 32}
+
+    data2 = H.write_task2_data(ws)
+    cfg2 = H.write_config(
+        ws,
+        "task2",
+        {
+            "datasets": [{"path": str(data2), "ds_type": "json", "type": "alpaca"}],
+            "lora_model_dir": str(task1),
+            "secura": {"smagnorm": "off", "ewc": {"lam": 1000.0}, "replay": {"ratio": 0.25}},
+        },
+    )
+    result = H.run_axolotl_train(cfg2)
+    assert result.returncode == 0, H.tail(result.output)
+    out = Path(yaml_output_dir(cfg2))
+    report, _ = H.read_probe(out)
+
+    assert f"loading the adapter saved in {task1}" in result.output
+    # Replay: task 1 rows were tokenized by axolotl with task 2's rows.
+    mix = [json.loads(line) for line in (out / "secura_replay_mix.jsonl").read_text().splitlines()]
+    assert len(mix) == replay_count(24, 0.25) == 8
+    assert all(row["instruction"].startswith("add") for row in mix)
+    assert report["train_rows"] == 24 + 8
+    # EWC: the penalty was live inside axolotl's trainer (logged), and task 2 was folded in.
+    penalties = [float(v) for v in _logged(result.output, "ewc/penalty")]
+    assert penalties and max(penalties) > 0, "no EWC penalty in axolotl's training logs"
+    assert EWC.load(out / "secura_ewc.safetensors").num_tasks == 2
+    counts = ReplayBuffer.load(out / "secura_replay.jsonl").task_counts()
+    assert counts == {"add": 32, "task2": 24}
+
+
+def test_sclora_calibrates_from_files_and_trains(ws, tmp_path):
+    """method: sclora builds its start from calibration rows read and tokenized by the plugin."""
+    negative = tmp_path / "keep.jsonl"
+    negative.write_text(
+        "".join(json.dumps({"text": f"fact {i}: the sky is blue."}) + "\n" for i in range(12))
+    )
+    cfg = H.write_config(
+        ws,
+        "sclora",
+        {"secura": {"method": "sclora", "calibration": {"negative": str(negative)}}},
+    )
+    result = H.run_axolotl_train(cfg)
+    assert result.returncode == 0, H.tail(result.output)
+    assert "SC-LoRA calibration on 8 positive and 3 negative batches" in result.output
+    out = Path(yaml_output_dir(cfg))
+    report, logits = H.read_probe(out)
+    assert len(report["layers"]) == N_LAYERS * N_TARGETS
+    assert report["changed_base"] == []
+    changed = set(report["changed_adapter"])
+    for layer in report["layers"]:
+        assert any(k.startswith(layer["name"] + ".lora_") for k in changed), layer["name"]
+    meta = json.loads((out / "adapter_config.json").read_text())
+    assert meta["secura"]["method"] == "sclora"
+    from secura_plugins import load_adapter
+
+    model = load_adapter(_load_base(ws, four_bit=False), out)
+    with torch.no_grad():
+        again = model(input_ids=torch.tensor(H.PROBE_IDS)).logits.float()
+    assert torch.equal(again, logits), (again - logits).abs().max()
+
+
+def _logged(output: str, key: str) -> list[str]:
+    """Values of ``key`` in the training-log dicts axolotl prints."""
+    import re
+
+    return re.findall(rf"'{re.escape(key)}': '?([-0-9.e]+)'?", output)
+
+
 GPU_RECIPES = {  # recipe -> model_type of its base model
     "qwen2-1.5b-secura-4bit.yml": "qwen2",
     "llama-3.1-8b-secura-4bit.yml": "llama",
@@ -163,6 +245,13 @@ def test_config_time_checks(ws, tmp_path):
         ("typo", "train", {"secura": {"merge_evry": 2}}, ["secura.merge_evry", "'merge_every'"]),
         ("bad_method", "train", {"secura": {"method": "securra"}}, ["method", "'secura'"]),
         ("block_typo", "train", {"secrua": {"r": 4}}, ["secrua", "`secura:`"]),
+        (
+            "sclora_no_data",
+            "train",
+            {"secura": {"method": "sclora"}},
+            ["secura.calibration.negative", "JSON-lines"],
+        ),
+        ("ewc_typo", "train", {"secura": {"ewc": {"lambda": 5}}}, ["secura.ewc.lambda", "'lam'"]),
         ("merge_lora", "merge-lora", {}, ["merge_lora", "integrations.axolotl.cli merge"]),
     ]
     checks = [

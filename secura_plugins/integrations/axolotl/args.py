@@ -108,8 +108,35 @@ class ReplaySettings(_StrictBlock):
     )
 
 
+class CalibrationSettings(_StrictBlock):
+    """``secura.calibration``: the data SC-LoRA's initialisation is computed from."""
+
+    block_path: ClassVar[str] = "secura.calibration"
+
+    positive: str | None = Field(
+        default=None,
+        description="JSON-lines file of the new task's text. Default: this run's datasets.",
+    )
+    negative: str | None = Field(
+        default=None, description="JSON-lines file of text whose knowledge must be preserved."
+    )
+    text_field: str | None = Field(
+        default=None,
+        description="Field holding a row's text. Default: 'text', else 'messages' contents, "
+        "else every string value of the row joined by newlines.",
+    )
+    max_rows: int = Field(default=64, ge=1, description="Rows read from each file.")
+    batch_size: int = Field(default=4, ge=1, description="Rows per calibration batch.")
+    max_length: int | None = Field(
+        default=None, ge=1, description="Token cut-off per row (default: sequence_len)."
+    )
+    layers_per_pass: int | None = Field(
+        default=None, ge=1, description="Layers hooked per pass (bounds calibration memory)."
+    )
+
+
 #: ``secura:`` keys that are not ``AdapterConfig`` fields.
-CONTINUAL_KEYS = ("ewc", "replay", "probe", "probe_steps")
+CONTINUAL_KEYS = ("ewc", "replay", "probe", "probe_steps", "calibration")
 
 
 class SecuraSettings(_StrictBlock):
@@ -172,6 +199,9 @@ class SecuraSettings(_StrictBlock):
     probe_steps: int | None = Field(
         default=None, ge=1, description="Also run the probe every this many training steps."
     )
+    calibration: CalibrationSettings | None = Field(
+        default=None, description="SC-LoRA calibration data (method: sclora)."
+    )
 
     def adapter_fields(self) -> dict[str, Any]:
         """The adapter fields that were set, as keyword arguments of ``AdapterConfig``."""
@@ -212,8 +242,18 @@ class SecuraArgs(BaseModel):
                 f"rl: adapter: secura supports supervised fine-tuning only, got rl: "
                 f"{data.get('rl')!r}; remove rl or use adapter: lora"
             )
-        adapter_config_from_cfg(data)  # raises SecuraConfigError naming the field and fix
-        _check_state_files(secura_settings(data))
+        config = adapter_config_from_cfg(data)  # SecuraConfigError names the field and fix
+        settings = secura_settings(data)
+        _check_state_files(settings)
+        if config.method == "sclora" and not data.get("lora_model_dir"):
+            calibration = settings.calibration
+            if calibration is None or not calibration.negative:
+                raise ValueError(
+                    "secura.calibration.negative: method sclora computes its start from "
+                    "calibration data; set secura.calibration.negative to a JSON-lines file "
+                    "of text whose knowledge must be preserved (positive defaults to the "
+                    "run's datasets)"
+                )
         return data
 
 
@@ -225,14 +265,16 @@ def _check_state_files(settings: SecuraSettings) -> None:
         "secura.ewc.state": settings.ewc.state if settings.ewc else None,
         "secura.replay.buffer": settings.replay.buffer if settings.replay else None,
         "secura.probe": settings.probe,
+        "secura.calibration.positive": settings.calibration and settings.calibration.positive,
+        "secura.calibration.negative": settings.calibration and settings.calibration.negative,
     }
     for field, path in paths.items():
         if path and not Path(path).is_file():
             fix = (
-                "point it at an existing JSON-lines file of {prompt, answer} rows"
-                if field == "secura.probe"
-                else "point it at the file an earlier run wrote, or leave it out to use the "
-                "one in lora_model_dir"
+                "point it at the file an earlier run wrote, or leave it out to use the one "
+                "in lora_model_dir"
+                if field in ("secura.ewc.state", "secura.replay.buffer")
+                else "point it at an existing JSON-lines file"
             )
             raise ValueError(f"{field}: no file at {path!r}; {fix}")
 
@@ -296,6 +338,7 @@ __all__ = [
     "ADAPTER_NAME",
     "PLUGIN_PATH",
     "CONTINUAL_KEYS",
+    "CalibrationSettings",
     "EwcSettings",
     "ReplaySettings",
     "SecuraArgs",

@@ -220,7 +220,18 @@ class SecuraPlugin(BasePlugin):
             peft_model = core.load_adapter(model, cfg.lora_model_dir, is_trainable=not inference)
         else:
             LOG.info("adapter: secura: building %s adapter %s", config.method, config.to_dict())
-            peft_model = core.apply_adapter(model, config)
+            data: dict[str, Any] = {}
+            settings = secura_settings(cfg)
+            if config.method == "sclora" and settings.calibration is not None:
+                from .calibration import calibration_data
+
+                data = calibration_data(cfg, settings.calibration)
+                LOG.info(
+                    "adapter: secura: SC-LoRA calibration on %d positive and %d negative batches",
+                    len(data["positive"]),
+                    len(data["negative"]),
+                )
+            peft_model = core.apply_adapter(model, config, **data)
         LOG.info("adapter: secura: parameters %s", core.count_parameters(peft_model))
         peft_config = peft_model.peft_config[peft_model.active_adapter]
         return peft_model, peft_config
