@@ -7,9 +7,10 @@ refused at config time and this command is the merge path::
     # or, with the entry point declared in pyproject.toml:
     axolotl secura-merge path/to/config.yml
 
-It loads the base model and the trained adapter through axolotl's own loader (with
-the SECURA plugin, exactly as ``axolotl inference`` would) and writes a dense
-``transformers`` checkpoint plus tokenizer to ``<output_dir>/merged``.
+It loads the dense base model (also for a run trained on a 4-bit base, as axolotl's
+``merge-lora`` does) and the trained adapter through axolotl's own loader (with the
+SECURA plugin, as ``axolotl inference`` would) and writes a dense ``transformers``
+checkpoint plus tokenizer to ``<output_dir>/merged``.
 
 ``tiny-assets DIR`` writes the tiny offline model and dataset the tiny recipe uses.
 """
@@ -72,7 +73,9 @@ def merge_axolotl_run(
 
     from .plugin import is_secura_cfg
 
-    cfg = load_cfg(str(config), **overrides)
+    # Merge into the dense base, as axolotl's merge-lora does: merging into 4-bit weights
+    # would lose the update (export_merged refuses quantized bases).
+    cfg = load_cfg(str(config), **{"load_in_4bit": False, "load_in_8bit": False, **overrides})
     if not is_secura_cfg(cfg):
         raise click.UsageError(
             f"{config}: adapter is {cfg.adapter!r}; this command merges adapter: secura runs "
