@@ -218,6 +218,15 @@ class SecuraPlugin(BasePlugin):
         if cfg.lora_model_dir:
             LOG.info("adapter: secura: loading the adapter saved in %s", cfg.lora_model_dir)
             peft_model = core.load_adapter(model, cfg.lora_model_dir, is_trainable=not inference)
+            saved = peft_model.secura_config.to_dict()
+            differ = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
+            if differ:
+                LOG.warning(
+                    "adapter: secura: the saved adapter's settings are used; the secura: block "
+                    "differs in %s (saved: %s)",
+                    ", ".join(differ),
+                    {k: saved.get(k) for k in differ},
+                )
         else:
             LOG.info("adapter: secura: building %s adapter %s", config.method, config.to_dict())
             data: dict[str, Any] = {}
