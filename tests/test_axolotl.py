@@ -237,6 +237,7 @@ def test_config_time_checks(ws, tmp_path):
 
     * a misspelt field, a missing plugin, an unknown method, a misspelt ``secura:`` block
       and axolotl's own ``merge-lora`` are refused with messages that name the fix;
+    * with ``adapter: lora`` the listed plugin changes nothing (kernels stay auto-enabled);
     * the 24 GB GPU recipes validate (base model swapped for a tiny local config of the
       same architecture, nothing downloaded): 4-bit on, fused kernels off, SECURA set.
     """
@@ -263,6 +264,9 @@ def test_config_time_checks(ws, tmp_path):
         (kind, H.write_config(ws, f"bad-{name}", overrides, probe=False))
         for name, kind, overrides, _ in errors
     ]
+    lora = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "secura": None}
+    lora["lora_target_modules"] = ["q_proj", "v_proj"]
+    checks.append(("train", H.write_config(ws, "plain-lora", lora, probe=False)))
     for recipe, model_type in GPU_RECIPES.items():
         cfg = yaml.safe_load((H.TINY_RECIPE.parent / recipe).read_text())
         cfg["base_model"] = str(H.write_arch_config(tmp_path, model_type))
@@ -274,7 +278,7 @@ def test_config_time_checks(ws, tmp_path):
     result = H.check_configs(checks, tmp_path / "checks.json")
     assert result.returncode == 0, H.tail(result.output)
     outcomes = json.loads((tmp_path / "checks.json").read_text())
-    assert len(outcomes) == len(errors) + len(GPU_RECIPES)
+    assert len(outcomes) == len(errors) + 1 + len(GPU_RECIPES)
 
     for (name, _, _, needles), outcome in zip(errors, outcomes, strict=False):
         error = outcome["error"]
@@ -283,7 +287,13 @@ def test_config_time_checks(ws, tmp_path):
         for needle in needles:
             assert needle in error, f"{name}: {needle!r} not in {error}"
 
-    for recipe, outcome in zip(GPU_RECIPES, outcomes[len(errors) :], strict=True):
+    # Listed but not used (adapter: lora): the plugin leaves the config alone, so axolotl
+    # still auto-enables its fused LoRA kernels.
+    plain = outcomes[len(errors)]
+    assert plain["error"] is None and plain["adapter"] == "lora", plain["error"]
+    assert all(plain["kernels"].values()), plain["kernels"]
+
+    for recipe, outcome in zip(GPU_RECIPES, outcomes[len(errors) + 1 :], strict=True):
         assert outcome["error"] is None, f"{recipe}: {outcome['error']}"
         assert outcome["adapter"] == "secura" and outcome["load_in_4bit"] is True
         assert not any(outcome["kernels"].values()), (recipe, outcome["kernels"])
