@@ -118,7 +118,9 @@ def test_adapter_flops_scale_with_r_times_width(name):
     assert adapter < 0.2 * base_counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name", ["secura-normalized-m1", "secura-released-m2", "curlora", "sclora"])
+@pytest.mark.parametrize(
+    "name", ["secura-normalized-m1", "secura-released-m2", "curlora", "sclora"]
+)
 def test_adapted_layer_compiles_without_graph_breaks(name):
     """No Python-side, data-dependent branch in the forward: torch.compile sees one graph."""
     import torch._dynamo as dynamo
