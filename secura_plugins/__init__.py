@@ -1,1 +1,54 @@
-"""secura-plugins."""
+"""secura-plugins: forgetting-resistant fine-tuning for the trainers people already use.
+
+SECURA, CURLoRA and SC-LoRA adapters on PEFT's LoRA layers (dense and bitsandbytes
+4-bit bases), the PEFT LoRA/DoRA baselines, a pluggy contract for third-party methods,
+and (in :mod:`secura_plugins.integrations`) a TRL callback and an axolotl plugin.
+
+Example:
+    >>> import torch
+    >>> from secura_plugins import AdapterConfig, apply_adapter
+    >>> from secura_plugins.tiny import build_tiny_model
+    >>> model = apply_adapter(build_tiny_model(), AdapterConfig(method="secura", r=4))
+    >>> model(torch.randint(0, 128, (1, 8))).logits.shape
+    torch.Size([1, 8, 128])
+"""
+
+__version__ = "0.1.0"
+
+from .config import AdapterConfig  # noqa: E402
+from .errors import AdapterLoadError, ExportError, SecuraConfigError, SecuraError  # noqa: E402
+from .hookspecs import hookimpl  # noqa: E402
+from .io import (  # noqa: E402
+    export_merged,
+    load_adapter,
+    merge_adapter_into_base,
+    save_adapter,
+)
+from .manager import get_plugin_manager  # noqa: E402
+from .model import (  # noqa: E402
+    adapter_stats,
+    apply_adapter,
+    convert_peft_model,
+    count_parameters,
+    is_adapted,
+)
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterLoadError",
+    "ExportError",
+    "SecuraConfigError",
+    "SecuraError",
+    "__version__",
+    "adapter_stats",
+    "apply_adapter",
+    "convert_peft_model",
+    "count_parameters",
+    "export_merged",
+    "get_plugin_manager",
+    "hookimpl",
+    "is_adapted",
+    "load_adapter",
+    "merge_adapter_into_base",
+    "save_adapter",
+]

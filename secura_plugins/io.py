@@ -1,0 +1,516 @@
+"""Save, load and export adapters. Safetensors + JSON only; nothing is unpickled.
+
+Format of an adapter folder:
+
+* ``adapter_model.safetensors``: every tensor of the adapter (trainable cores, frozen C/R,
+  SECURA's ``U_acc`` and merge count, SC-LoRA's initial factors, the chosen indices and a
+  base fingerprint), keyed ``<layer path>.<container>.<tensor>``.
+* ``adapter_config.json``: ``peft_type`` (``"SECURA"`` for this library's methods, so
+  plain PEFT and ``axolotl merge-lora`` refuse loudly instead of merging wrongly;
+  ``"LORA"`` for the PEFT baselines, which stay loadable by PEFT) and a ``secura`` block:
+  the :class:`~secura_plugins.AdapterConfig`, the adapted layers and their shapes, the
+  base model's identity and the SHA-256 of the tensor file.
+
+Writes are atomic per file (temp file, fsync, rename) and the config is written last
+and names the tensor file's hash, so an interrupted save is detected at load time and
+never taken for a good adapter.
+
+Example:
+    >>> import tempfile, torch
+    >>> from secura_plugins import AdapterConfig, apply_adapter, save_adapter, load_adapter
+    >>> from secura_plugins.tiny import build_tiny_model
+    >>> model = apply_adapter(build_tiny_model(seed=1), AdapterConfig(r=4))
+    >>> folder = save_adapter(model, tempfile.mkdtemp() + "/adapter")
+    >>> again = load_adapter(build_tiny_model(seed=1), folder)
+    >>> ids = torch.randint(0, 128, (1, 5))
+    >>> torch.equal(model(ids).logits, again(ids).logits)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from . import __version__
+from .config import AdapterConfig
+from .errors import AdapterLoadError, ExportError, SecuraConfigError, SecuraError
+from .manager import get_plugin_manager
+from .methods.base import CORE_ATTR, base_weight, fingerprint, fingerprint_match
+from .model import (
+    ADAPTER_CONTAINERS,
+    SecuraModelMixin,
+    _build,
+    _freeze_all_but_adapter,
+    _inject,
+    _promote,
+    adapter_layers,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+PEFT_TYPE = "SECURA"
+#: Fingerprint cosine below which a base is taken for another model (4-bit vs dense ~0.99).
+FINGERPRINT_MIN_COSINE = 0.9
+
+
+# --------------------------------------------------------------------------- files
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write ``path`` through ``write(tmp_path)`` + fsync + rename: all or nothing."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _prepare_dir(path: Path, field: str = "output_dir") -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SecuraConfigError(
+            field, f"cannot create {path}: {err.strerror}; choose a writable folder"
+        ) from err
+    if not os.access(path, os.W_OK):
+        raise SecuraConfigError(field, f"{path} is not writable; choose a writable folder")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- save
+def _require_adapted(model: Any) -> tuple[AdapterConfig, str]:
+    if not isinstance(model, SecuraModelMixin):
+        raise SecuraError(
+            "this model carries no secura-plugins adapter; build it with apply_adapter, "
+            "convert_peft_model or load_adapter"
+        )
+    return model.secura_config, model.secura_adapter_name
+
+
+def adapter_tensors(
+    model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the adapter, keyed ``<layer>.<container>.<tensor>``.
+
+    With ``state_dict`` (a full-model state dict, as ``Trainer`` passes under FSDP or
+    DeepSpeed), tensors are taken from it where present.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model, adapter_name).items():
+        for attr in ADAPTER_CONTAINERS:
+            container = getattr(layer, attr, None)
+            if container is None or adapter_name not in container:
+                continue
+            for tname, tensor in container[adapter_name].state_dict().items():
+                full = f"base_model.model.{name}.{attr}.{adapter_name}.{tname}"
+                if state_dict is not None and full in state_dict:
+                    tensor = state_dict[full]
+                out[f"{name}.{attr}.{tname}"] = tensor
+    return out
+
+
+def _base_identity(model: nn.Module) -> dict[str, Any]:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    cfg = getattr(base, "config", None)
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    return {k: getattr(cfg, k, None) for k in keys} | {
+        "name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        "quantized": bool(getattr(base, "is_quantized", False)),
+    }
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, *, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write the adapter of ``model`` into folder ``path`` (created if needed) and return it.
+
+    Refuses to write an adapter holding NaN or inf, naming the layer, so a diverged run
+    never overwrites a good adapter.
+    """
+    from safetensors.torch import save_file
+
+    config, adapter_name = _require_adapted(model)
+    method = get_plugin_manager().get_method(config.method)
+    folder = _prepare_dir(Path(path))
+    block: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "version": __version__,
+        "method": config.method,
+        "adapter_name": adapter_name,
+        "config": config.to_dict(),
+        "base_model": _base_identity(model),
+        "layers": {
+            name: {
+                "in_features": layer.get_base_layer().in_features,
+                "out_features": layer.get_base_layer().out_features,
+            }
+            for name, layer in adapter_layers(model, adapter_name).items()
+        },
+    }
+    if method.native_peft:
+        # PEFT's own files (loadable by PeftModel), written into a scratch folder first.
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".peft-save-") as scratch:
+            PeftModel.save_pretrained(
+                model, scratch, selected_adapters=[adapter_name], state_dict=state_dict
+            )
+            src = Path(scratch) / ("" if adapter_name == "default" else adapter_name)
+            meta = json.loads((src / CONFIG_NAME).read_text())
+            _check_finite(_load_tensor_file(src / WEIGHTS_NAME))
+            _atomic_write(folder / WEIGHTS_NAME, lambda p: shutil.copyfile(src / WEIGHTS_NAME, p))
+    else:
+        tensors = {
+            k: v.detach().to("cpu").contiguous()
+            for k, v in adapter_tensors(model, adapter_name, state_dict).items()
+        }
+        _check_finite(tensors)
+        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
+        meta = {
+            "peft_type": PEFT_TYPE,
+            "base_model_name_or_path": block["base_model"]["name_or_path"],
+        }
+    block["tensors_sha256"] = _sha256(folder / WEIGHTS_NAME)
+    meta["secura"] = block
+    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return folder
+
+
+def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SecuraError(
+            f"the adapter holds NaN/inf in {len(bad)} tensor(s), first {bad[0]}; refusing to "
+            "save it (training diverged: lower the learning rate or enable gradient clipping)"
+        )
+
+
+# --------------------------------------------------------------------------- load
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``adapter_config.json`` of an adapter folder, checked for our ``secura`` block."""
+    folder = Path(path)
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterLoadError(
+            f"{folder} is not an adapter folder: {CONFIG_NAME} is missing (an interrupted save "
+            "never gets this far; pass the folder that save_adapter wrote)"
+        )
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(
+            f"{cfg_path} is not valid JSON ({err}); the file is corrupted"
+        ) from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("secura"), dict):
+        raise AdapterLoadError(
+            f"{cfg_path} was not written by secura-plugins (no 'secura' block); load plain "
+            "PEFT adapters with peft.PeftModel.from_pretrained"
+        )
+    block = meta["secura"]
+    if block.get("format", 0) > FORMAT_VERSION:
+        raise AdapterLoadError(
+            f"{folder} uses adapter format {block['format']}, newer than this secura-plugins "
+            f"({__version__}) reads; upgrade secura-plugins"
+        )
+    return meta
+
+
+def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise AdapterLoadError(f"{path} is missing; the adapter folder is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterLoadError(f"{path} is corrupted or truncated ({err}); save it again") from err
+
+
+def load_adapter_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    check_base: bool = True,
+) -> nn.Module:
+    """Load the tensors of the adapter folder ``path`` into ``model``'s existing adapter.
+
+    Every key must be present with the right shape; ``check_base`` compares the stored
+    fingerprints of the base weights with ``model``'s (cosine >= 0.9 per layer).
+    """
+    config, adapter_name = _require_adapted(model)
+    folder = Path(path)
+    meta = read_adapter_config(folder)
+    block = meta["secura"]
+    method = get_plugin_manager().get_method(config.method)
+    if block["method"] != config.method:
+        raise AdapterLoadError(
+            f"{folder} holds a {block['method']!r} adapter but the model carries "
+            f"{config.method!r}; load it onto a fresh base with load_adapter"
+        )
+    weights = folder / WEIGHTS_NAME
+    expected_hash = block.get("tensors_sha256")
+    if expected_hash and weights.is_file() and _sha256(weights) != expected_hash:
+        raise AdapterLoadError(
+            f"{weights} does not match {CONFIG_NAME} (SHA-256 differs): the save was "
+            "interrupted or the file was altered; use an earlier checkpoint"
+        )
+    tensors = _load_tensor_file(weights)
+    if method.native_peft:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise AdapterLoadError(f"{folder}: unexpected tensors {result.unexpected_keys[:3]}")
+    else:
+        _copy_into(model, adapter_name, tensors, folder)
+        if check_base:
+            _check_fingerprints(model, adapter_name, folder)
+    _freeze_all_but_adapter(model, adapter_name, trainable=is_trainable)
+    return model
+
+
+def _copy_into(
+    model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], folder: Path
+) -> None:
+    targets = adapter_tensors(model, adapter_name)
+    missing = sorted(set(targets) - set(tensors))
+    unexpected = sorted(set(tensors) - set(targets))
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise AdapterLoadError(
+            f"{folder} does not fit this model: {'; '.join(detail)}. Was it saved from another "
+            "model or configuration?"
+        )
+    for key, target in targets.items():
+        source = tensors[key]
+        if source.shape != target.shape:
+            raise AdapterLoadError(
+                f"{folder}: {key} has shape {tuple(source.shape)} but this model needs "
+                f"{tuple(target.shape)}; the adapter was made for a model of other sizes"
+            )
+        with torch.no_grad():
+            target.copy_(source.to(device=target.device, dtype=target.dtype))
+
+
+def _check_fingerprints(model: nn.Module, adapter_name: str, folder: Path) -> None:
+    for name, layer in adapter_layers(model, adapter_name).items():
+        cores = getattr(layer, CORE_ATTR, None)
+        saved = getattr(cores[adapter_name], "fingerprint", None) if cores is not None else None
+        if saved is None:
+            continue
+        cosine = fingerprint_match(saved, fingerprint(base_weight(layer)))
+        if cosine < FINGERPRINT_MIN_COSINE:
+            raise AdapterLoadError(
+                f"{folder} was trained on another base model: the weights of {name} do not match "
+                f"(fingerprint cosine {cosine:.2f} < {FINGERPRINT_MIN_COSINE}). Load it onto the "
+                "base it was trained on, or pass check_base=False if you know better"
+            )
+
+
+def load_adapter(
+    base_model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    check_base: bool = True,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """Rebuild the adapter saved in ``path`` on ``base_model`` and return the ``PeftModel``.
+
+    ``base_model`` is a fresh transformers model (dense or 4-bit). The adapter's layers,
+    shapes, method and base fingerprint are checked; any mismatch raises
+    :class:`~secura_plugins.errors.AdapterLoadError` with the reason.
+    """
+    folder = Path(path)
+    meta = read_adapter_config(folder)
+    block = meta["secura"]
+    if isinstance(base_model, PeftModel):
+        raise AdapterLoadError(
+            "base_model is already a PeftModel; pass the plain transformers model "
+            "(use model.load_adapter(path) to reload weights into an adapted model)"
+        )
+    try:
+        config = AdapterConfig.from_dict(block["config"])
+    except SecuraConfigError as err:
+        raise AdapterLoadError(
+            f"{folder}: its adapter config is not valid here ({err}). If it names a method from "
+            "a plugin, install that plugin"
+        ) from err
+    method = get_plugin_manager().get_method(config.method)
+    if method.native_peft:
+        model = PeftModel.from_pretrained(
+            base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable
+        )
+        _promote(model, config, adapter_name)
+        return model
+    wanted = list(block["layers"])
+    available = {n for n, m in base_model.named_modules() if isinstance(m, nn.Module)}
+    absent = [n for n in wanted if n not in available]
+    if absent:
+        raise AdapterLoadError(
+            f"{folder} adapts {len(absent)} layer(s) this base does not have (first: {absent[0]}); "
+            "it was made for another architecture"
+        )
+    for name, shape in block["layers"].items():
+        layer = base_model.get_submodule(name)
+        have = (getattr(layer, "in_features", None), getattr(layer, "out_features", None))
+        if have != (shape["in_features"], shape["out_features"]):
+            raise AdapterLoadError(
+                f"{folder}: layer {name} is {have[0]} -> {have[1]} in this base but "
+                f"{shape['in_features']} -> {shape['out_features']} in the adapter's base"
+            )
+    model = _inject(base_model, config, method, adapter_name, target_modules=wanted)
+    model = _build(model, config, method, adapter_name, init=False)
+    return load_adapter_weights(model, folder, is_trainable=is_trainable, check_base=check_base)
+
+
+# --------------------------------------------------------------------------- export
+@contextlib.contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a scratch folder beside ``path``; rename it to ``path`` on success only."""
+    if path.exists() and any(path.iterdir()):
+        raise ExportError(f"{path} exists and is not empty; choose a new output folder")
+    _prepare_dir(path.parent)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield scratch
+        if path.exists():
+            path.rmdir()
+        os.replace(scratch, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def export_merged(model: PeftModel, out_dir: str | os.PathLike, *, safe: bool = True) -> Path:
+    """Merge the adapter into the base weights and write a plain transformers checkpoint.
+
+    The model is consumed (its layers are merged in place). What is merged is the linear
+    update ``scaling * C (U_acc + A B) R`` (and ``b_L`` into the layer bias): identical to
+    the adapted model for linear configurations (``smagnorm='off'``, CURLoRA, SC-LoRA, the
+    baselines); with S-MagNorm on, the exported model is the un-gated update and its
+    outputs differ from the adapted model's (measure the gap with ``secura eval``).
+    4-bit bases are refused: load the dense base, ``load_adapter`` onto it, then export.
+    """
+    config, _ = _require_adapted(model)
+    base = model.get_base_model()
+    if getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_4bit", False):
+        raise ExportError(
+            "the base is quantized: merging into 4-bit weights loses the update. Load the "
+            "dense base (bf16/fp32), load_adapter(base, adapter_dir), then export_merged; or run "
+            "`secura merge ADAPTER --base BASE --out DIR`"
+        )
+    if config.method == "secura" and config.smagnorm != "off":
+        logger.warning(
+            "S-MagNorm is %r: the exported checkpoint holds the un-gated linear update, so its "
+            "outputs differ from the adapted model's",
+            config.smagnorm,
+        )
+    out = Path(out_dir)
+    with _atomic_dir(out) as scratch:
+        merged = model.merge_and_unload(safe_merge=safe)
+        _sync_bias_flags(merged)
+        merged.save_pretrained(str(scratch))
+    return out
+
+
+def _sync_bias_flags(model: nn.Module) -> None:
+    """Make the config declare the biases that merging b_L created, or refuse to export."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+
+    def linears_with_bias(root: nn.Module) -> set[str]:
+        return {
+            n for n, m in root.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
+        }
+
+    def expected() -> set[str]:
+        with torch.device("meta"):
+            return linears_with_bias(AutoModelForCausalLM.from_config(config))
+
+    have, want = linears_with_bias(model), expected()
+    for flag in ("attention_bias", "mlp_bias"):
+        if have - want and hasattr(config, flag) and not getattr(config, flag):
+            setattr(config, flag, True)
+            widened = expected()
+            if len(have - widened) < len(have - want):
+                want = widened
+            else:
+                setattr(config, flag, False)
+    extra = sorted(have - want)
+    if extra:
+        raise ExportError(
+            f"merging SECURA's output bias created biases ({extra[0]}, ...) that the "
+            f"{config.model_type} architecture cannot store; train with output_bias: false"
+        )
+    for name in sorted(want - have):  # layers the widened config now gives a bias: zeros
+        module = model.get_submodule(name)
+        module.bias = nn.Parameter(
+            torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device)
+        )
+
+
+def merge_adapter_into_base(
+    adapter_dir: str | os.PathLike,
+    base: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Load the dense base checkpoint ``base``, apply the adapter, export a merged checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_model = AutoModelForCausalLM.from_pretrained(
+        str(base), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+    )
+    model = load_adapter(base_model, adapter_dir)
+    out = export_merged(model, out_dir)
+    with contextlib.suppress(OSError, ValueError):
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
+    return out

@@ -1,0 +1,249 @@
+"""SECURA: CABR decomposition + S-MagNorm + M1/M2 merges (arXiv 2502.18168).
+
+CABR keeps the ``r`` columns ``J`` and rows ``I`` of **smallest L2 norm** of the frozen
+weight, ``C = W[:, J]`` and ``R = W[I, :]``, and trains a core ``A`` (``r x k``) times
+``B`` (``k x r``), ``k >= r``. ``B = 0`` at the start, so the model starts unchanged::
+
+    delta_W = scaling * C @ (U_acc + A @ B) @ R        # rank <= r, never built in forward
+
+``U_acc`` (``r x r``, fp32, frozen) accumulates merges: every ``merge_every`` optimizer
+steps ``U_acc += A @ B`` and ``B = 0`` (A, the output bias and the optimizer state are
+kept). Because C and R never change, this equals writing ``C (A B) R`` into W (the
+paper's M1) exactly, works on 4-bit bases and leaves the base checkpoint untouched.
+
+S-MagNorm gates the output change, per token and output channel::
+
+    h0 = x W^T + b  (+ x (C U_acc R)^T under M1: merged updates join the frozen path)
+    dh = x (C A B R)^T (+ x (C U_acc R)^T under M2) + b_L
+    L  = |dh| / (|h0| + eps)                         (detached)
+    S  = 2 - sigmoid(s * norm(L))                    (detached, in (1, 2))
+    y  = (h0 + (h0 + dh)) / S
+
+``norm`` is ``L / max(L) - 0.5`` with the max over the output channels of each token
+(``normalized``, the paper's intent) or ``L`` itself (``released``, the authors' code).
+Where ``dh`` is zero for a whole token, ``S = 2`` and ``y = h0`` exactly, while ``dh``
+stays in the autograd graph so training can start.
+
+Example:
+    >>> import torch
+    >>> from secura_plugins import AdapterConfig, apply_adapter
+    >>> from secura_plugins.tiny import build_tiny_model
+    >>> base = build_tiny_model("llama")
+    >>> ids = torch.randint(0, 128, (1, 8))
+    >>> before = base(ids).logits
+    >>> model = apply_adapter(base, AdapterConfig(method="secura", r=4))
+    >>> torch.equal(model(ids).logits, before)      # exact start
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..hookspecs import hookimpl
+from .base import CORE_ATTR, AdapterMethod, adapter_dtype, layer_device, layer_seed
+from .cur import CURCore, CURVariant, attach_cur, cur_factors
+
+
+class SecuraCore(CURCore):
+    """Trainable core ``A @ B`` (+ output bias) and the frozen merge accumulator."""
+
+    def __init__(
+        self,
+        r: int,
+        k: int,
+        d_out: int,
+        *,
+        smagnorm: str,
+        smagnorm_scale: float,
+        eps: float,
+        merge: str,
+        merge_every: int,
+        output_bias: bool,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__(r, device=device)
+        self.A = nn.Parameter(torch.zeros(r, k, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(k, r, dtype=dtype, device=device))
+        self.bias = (
+            nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device)) if output_bias else None
+        )
+        self.register_buffer("u_acc", torch.zeros(r, r, dtype=torch.float32, device=device))
+        self.register_buffer("merges", torch.zeros((), dtype=torch.long, device=device))
+        self.smagnorm = smagnorm
+        self.smagnorm_scale = smagnorm_scale
+        self.eps = eps
+        self.merge = merge
+        self.merge_every = merge_every
+        #: Mean of the S-MagNorm gate S over the last forward (detached, no host sync).
+        self.last_gate: torch.Tensor | None = None
+
+    def core_matrix(self) -> torch.Tensor:
+        return self.u_acc.to(self.A.dtype) + self.A @ self.B
+
+    def output_bias(self) -> torch.Tensor | None:
+        return self.bias
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Fold ``A @ B`` into ``U_acc`` and restart ``B`` at zero (one M1/M2 merge)."""
+        self.u_acc += (self.A @ self.B).to(torch.float32)
+        self.B.zero_()
+        self.merges += 1
+
+    def extra_repr(self) -> str:
+        r, k = self.A.shape
+        return (
+            f"r={r}, k={k}, smagnorm={self.smagnorm}, merge={self.merge}, "
+            f"merge_every={self.merge_every}, output_bias={self.bias is not None}"
+        )
+
+
+def smagnorm_gate(
+    h0: torch.Tensor, dh: torch.Tensor, *, mode: str, scale: float, eps: float
+) -> torch.Tensor:
+    """S-MagNorm's divisor ``S`` in (1, 2], detached, same shape as ``h0``."""
+    with torch.no_grad():
+        rel = dh.abs() / (h0.abs() + eps)
+        peak = rel.amax(dim=-1, keepdim=True)
+        if mode == "normalized":
+            rel = rel / peak.clamp_min(torch.finfo(rel.dtype).tiny) - 0.5
+        gate = 2.0 - torch.sigmoid(scale * rel)
+        # A token whose adapter output is exactly zero passes h0 unchanged (S = 2).
+        return torch.where(peak > 0, gate, torch.full_like(gate, 2.0))
+
+
+class SecuraVariant(CURVariant):
+    """PEFT LoRA variant running SECURA's forward (merge/unmerge come from CURVariant).
+
+    Export merges the linear part ``W + scaling * C (U_acc + A B) R`` (and ``b_L`` into
+    the bias): exactly the adapted model when ``smagnorm='off'``, the un-gated update
+    otherwise.
+    """
+
+    @staticmethod
+    def forward(
+        module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        C, R, core = cur_factors(module, active_adapter)
+        if core.smagnorm == "off":
+            return CURVariant.forward(module, active_adapter, x, result, **kwargs)
+        scaling = module.scaling[active_adapter]
+        x = module.lora_dropout[active_adapter](x.to(R.dtype))
+        t = F.linear(x, R)  # (..., r)
+        h0 = result.to(C.dtype)
+        fresh = core.A @ core.B  # (r, r)
+        if core.merge == "m1":
+            # Merged updates belong to the frozen path; the gate sees only fresh change.
+            both = F.linear(t, torch.cat([core.u_acc.to(fresh.dtype), fresh]))  # (..., 2r)
+            merged, new = F.linear(both.unflatten(-1, (2, -1)), C).unbind(-2)
+            h0 = h0 + merged * scaling
+            dh = new * scaling
+        else:
+            dh = F.linear(F.linear(t, core.u_acc.to(fresh.dtype) + fresh), C) * scaling
+        if core.bias is not None:
+            dh = dh + core.bias
+        gate = smagnorm_gate(h0, dh, mode=core.smagnorm, scale=core.smagnorm_scale, eps=core.eps)
+        core.last_gate = gate.mean()
+        return (h0 + (h0 + dh)) / gate
+
+
+class SecuraMethod(AdapterMethod):
+    """SECURA (CABR + S-MagNorm + M1/M2)."""
+
+    name = "secura"
+
+    def attach(
+        self,
+        layer: Any,
+        adapter_name: str,
+        config: Any,
+        *,
+        layer_name: str,
+        init: bool,
+        prepared: Any = None,
+    ) -> None:
+        base = layer.get_base_layer()
+        r, k = config.r, config.core_width
+        core = SecuraCore(
+            r,
+            k,
+            base.out_features,
+            smagnorm=config.smagnorm,
+            smagnorm_scale=config.smagnorm_scale,
+            eps=config.eps,
+            merge=config.merge,
+            merge_every=config.merge_every,
+            output_bias=config.output_bias,
+            dtype=adapter_dtype(config),
+            device=layer_device(layer),
+        )
+
+        def select(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # Deterministic: the r columns and rows of smallest L2 norm, no duplicates.
+            cols = torch.topk(weight.norm(dim=0), r, largest=False).indices
+            rows = torch.topk(weight.norm(dim=1), r, largest=False).indices
+            if init:
+                _init_a(core.A, weight, config, layer_name)
+            return cols.sort().values, rows.sort().values
+
+        attach_cur(layer, adapter_name, config, core, SecuraVariant, select=select, init=init)
+
+
+@torch.no_grad()
+def _init_a(A: torch.Tensor, weight: torch.Tensor, config: Any, layer_name: str) -> None:
+    r, k = A.shape
+    if config.a_init == "released":
+        # The authors' code: the top-left r x k block of W (padded if W is narrower).
+        block = weight[:r, :k]
+        A.zero_()
+        A[: block.shape[0], : block.shape[1]].copy_(block.to(A.dtype))
+        return
+    # Orthonormal rows (k >= r), scaled to W's RMS so the update's scale matches W's.
+    gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer_name))
+    q, _ = torch.linalg.qr(torch.randn(k, r, generator=gen, dtype=torch.float32))
+    rms = weight.pow(2).mean().sqrt().item()
+    A.copy_((q.T * rms * (k**0.5)).to(A.dtype))
+
+
+def secura_cores(model: nn.Module) -> list[SecuraCore]:
+    """Every SECURA core in ``model`` (all adapters)."""
+    return [m for m in model.modules() if isinstance(m, SecuraCore)]
+
+
+def secura_stats(cores: list[SecuraCore]) -> dict[str, float]:
+    """Merge count and mean S-MagNorm gate of ``cores`` (empty dict when there are none)."""
+    if not cores:
+        return {}
+    stats = {"secura/merges": float(cores[0].merges.item())}
+    gates = [c.last_gate for c in cores if c.last_gate is not None]
+    if gates:
+        stats["secura/gate_mean"] = float(torch.stack(gates).float().mean().item())
+    return stats
+
+
+@hookimpl
+def secura_register_methods(registry: Any) -> None:
+    registry.add(SecuraMethod())
+
+
+@hookimpl
+def secura_step_end(model: nn.Module, step: int) -> dict[str, float] | None:
+    """Run due M1/M2 merges; report merge count and the mean S-MagNorm gate."""
+    cores = secura_cores(model)
+    if not cores:
+        return None
+    merged = 0
+    for core in cores:
+        if core.merge != "none" and step % core.merge_every == 0:
+            core.merge_()
+            merged += 1
+    return secura_stats(cores)
+
+
+__all__ = ["SecuraCore", "SecuraMethod", "SecuraVariant", "smagnorm_gate", "CORE_ATTR"]
