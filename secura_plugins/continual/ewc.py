@@ -106,13 +106,16 @@ class EWC:
         batches: Iterable[Any],
         loss_fn: LossFn = default_loss_fn,
         *,
+        max_batches: int | None = None,
         progress: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Diagonal empirical Fisher: mean over batches of ``grad(loss) ** 2`` (fp32).
 
-        The model's existing ``.grad`` values and its train/eval mode are restored
+        At most ``max_batches`` (default: ``fisher_max_batches``) batches are used. The
+        model's existing ``.grad`` values and its train/eval mode are restored
         afterwards, so this can run in the middle of a training loop.
         """
+        limit = self.fisher_max_batches if max_batches is None else max_batches
         params = trainable_parameters(model)
         if not params:
             raise ValueError("model: has no trainable parameters, so EWC has nothing to protect")
@@ -127,10 +130,10 @@ class EWC:
         if progress:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(batches, desc="EWC Fisher", total=self.fisher_max_batches, leave=False)
+            iterator = tqdm(batches, desc="EWC Fisher", total=limit, leave=False)
         try:
             for batch in iterator:
-                if self.fisher_max_batches is not None and count >= self.fisher_max_batches:
+                if limit is not None and count >= limit:
                     break
                 for p in params.values():
                     p.grad = None
@@ -156,6 +159,7 @@ class EWC:
         loss_fn: LossFn = default_loss_fn,
         *,
         fisher: Mapping[str, torch.Tensor] | None = None,
+        max_batches: int | None = None,
         progress: bool = False,
     ) -> dict[str, torch.Tensor]:
         """End of a task: fold this task's Fisher into the running sum and re-anchor.
@@ -166,7 +170,9 @@ class EWC:
         if fisher is None:
             if batches is None:
                 raise ValueError("batches: give the task's batches or a precomputed fisher")
-            fisher = self.estimate_fisher(model, batches, loss_fn, progress=progress)
+            fisher = self.estimate_fisher(
+                model, batches, loss_fn, max_batches=max_batches, progress=progress
+            )
         params = trainable_parameters(model)
         missing = sorted(set(params) - set(fisher))
         if missing:

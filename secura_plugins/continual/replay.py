@@ -52,13 +52,16 @@ class ReplayBuffer:
     Args:
         capacity: most rows kept in memory (and on disk).
         seed: seed of the reservoir and of the default mixing generator.
+        ratio: default share of replayed rows in ``mix`` (published runs use 0.01-0.1).
     """
 
-    def __init__(self, capacity: int = 1000, seed: int = 0) -> None:
+    def __init__(self, capacity: int = 1000, seed: int = 0, ratio: float = 0.05) -> None:
         if capacity < 1:
             raise ValueError(f"capacity: must be >= 1, got {capacity}")
+        replay_count(0, ratio)  # validates ratio
         self.capacity = int(capacity)
         self.seed = int(seed)
+        self.ratio = float(ratio)
         self.seen = 0
         self._rng = random.Random(self.seed)
         self.items: list[tuple[str | None, dict[str, Any]]] = []
@@ -106,13 +109,14 @@ class ReplayBuffer:
     def mix(
         self,
         new_dataset: Any,
-        ratio: float,
+        ratio: float | None = None,
         *,
         seed: int | None = None,
         tag_column: str | None = None,
     ):
         """A shuffled ``datasets.Dataset``: ``new_dataset`` plus replayed rows.
 
+        ``ratio`` defaults to the buffer's ``ratio``.
         The columns are ``new_dataset``'s (extra keys of replayed rows are dropped; a
         missing one raises, naming it). With ``tag_column``, a boolean column of that
         name marks replayed rows. With nothing to replay (empty buffer, ``ratio`` 0) the
@@ -120,7 +124,7 @@ class ReplayBuffer:
         """
         from datasets import Dataset, concatenate_datasets
 
-        n = replay_count(len(new_dataset), ratio)
+        n = replay_count(len(new_dataset), self.ratio if ratio is None else ratio)
         if n == 0 or not self.items:
             if tag_column is not None:
                 return new_dataset.add_column(tag_column, [False] * len(new_dataset))
@@ -150,6 +154,7 @@ class ReplayBuffer:
         return {
             "capacity": self.capacity,
             "seed": self.seed,
+            "ratio": self.ratio,
             "seen": self.seen,
             "rng_state": [version, list(internal), gauss],
             "items": [{"task": t, "row": r} for t, r in self.items],
@@ -159,6 +164,7 @@ class ReplayBuffer:
         """Restore what ``state_dict`` returned."""
         self.capacity = int(state["capacity"])
         self.seed = int(state["seed"])
+        self.ratio = float(state.get("ratio", self.ratio))
         self.seen = int(state["seen"])
         version, internal, gauss = state["rng_state"]
         self._rng = random.Random()
@@ -200,4 +206,7 @@ class ReplayBuffer:
         return buf
 
     def __repr__(self) -> str:
-        return f"ReplayBuffer(capacity={self.capacity}, size={len(self)}, seen={self.seen})"
+        return (
+            f"ReplayBuffer(capacity={self.capacity}, ratio={self.ratio}, size={len(self)}, "
+            f"seen={self.seen})"
+        )
