@@ -146,7 +146,9 @@ def _find_trainer(max_depth: int = 16) -> Trainer | None:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model without accelerate/DDP wrappers (``module`` attribute chains)."""
-    while not isinstance(model, PeftModel) and isinstance(getattr(model, "module", None), nn.Module):
+    while not isinstance(model, PeftModel) and isinstance(
+        getattr(model, "module", None), nn.Module
+    ):
         model = model.module
     return model
 
@@ -185,7 +187,8 @@ def consolidate_ewc(
     max_batches: int | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """End of a task: final SECURA merge (see ``_prepare_for_m1``), then ``ewc.consolidate``.
+    """End of a task: Fisher of the trained model, final SECURA merge (see
+    ``_prepare_for_m1``), then ``ewc.consolidate`` (running sum and anchors).
 
     ``batches`` are collated training batches (dicts with ``labels``), e.g. a Trainer's
     train dataloader. At most ``max_batches`` (default: ``ewc.fisher_max_batches``, else
@@ -193,9 +196,12 @@ def consolidate_ewc(
     """
     limit = max_batches or ewc.fisher_max_batches or DEFAULT_FISHER_BATCHES
     model = _unwrap(model)
-    _prepare_for_m1(model)
     with torch.random.fork_rng(devices=[]):
-        return ewc.consolidate(model, batches, max_batches=limit, progress=progress)
+        # The Fisher of the trained state (B still holds the pending update: with B = 0
+        # the Fisher of A would be exactly zero), then the merge, then the anchors.
+        fisher = ewc.estimate_fisher(model, batches, max_batches=limit, progress=progress)
+    _prepare_for_m1(model)
+    return ewc.consolidate(model, fisher=fisher)
 
 
 def _as_config(config: AdapterConfig | Mapping[str, Any] | None) -> AdapterConfig | None:
@@ -258,8 +264,9 @@ class SecuraCallback(TrainerCallback):
         self.probe_baseline: dict[str, float] | None = None
         self._pending: dict[str, float] = {}
         self._penalties: list[float] = []
-        self._probed_step: int | None = None
+        self._probe_cache: tuple[int, dict[str, float]] | None = None
         self._resume_dir: str | None = None
+        self._carried = False
 
     # ------------------------------------------------------------------ binding
     def bind(self, trainer: Trainer) -> SecuraCallback:
@@ -297,8 +304,46 @@ class SecuraCallback(TrainerCallback):
         return str(resume)
 
     # ------------------------------------------------------------------ model
+    def _restore_adapter_dtype(self, model: nn.Module, *, carried: bool) -> None:
+        """Undo TRL's bf16 cast of trainable tensors on quantized bases.
+
+        ``SFTTrainer.__init__`` casts every trainable parameter of a 4/8-bit model to
+        bf16 before any callback runs. Tensors this callback creates come later and are
+        unaffected; an adapter the model already carried was rounded. The mixin
+        (``SecuraSFTTrainer``) snapshots those tensors first and they are restored
+        exactly; otherwise they are cast back to the adapter dtype with a warning.
+        """
+        saved: dict[str, torch.Tensor] = getattr(self.trainer, "_secura_saved_params", None) or {}
+        dtype = getattr(torch, self.config.adapter_dtype if self.config else "float32")
+        rounded = []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name in saved and saved[name].shape == param.shape:
+                param.data = saved[name].to(param.device)
+            elif param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                rounded.append(name)
+        if rounded and carried:
+            logger.warning(
+                "TRL cast %d trainable adapter tensors of this quantized model to bf16 before the "
+                "callback ran (first: %s); they are back in %s but were rounded. Use "
+                "SecuraSFTTrainer (or pass the base with peft_config=) to keep them exact",
+                len(rounded),
+                rounded[0],
+                dtype,
+            )
+        if hasattr(self.trainer, "_secura_saved_params"):
+            self.trainer._secura_saved_params = None
+
     def _prepare_model(self, model: nn.Module, args: Any) -> nn.Module:
-        if is_adapted(model):
+        model = self._adapt(model, args)
+        self._restore_adapter_dtype(model, carried=self._carried)
+        return model
+
+    def _adapt(self, model: nn.Module, args: Any) -> nn.Module:
+        self._carried = is_adapted(model)
+        if self._carried:
             carried = model.secura_config
             if self.config is not None and self.config.method != carried.method:
                 raise SecuraConfigError(
@@ -379,15 +424,18 @@ class SecuraCallback(TrainerCallback):
         return out
 
     def _run_probe(self, step: int) -> dict[str, float]:
-        if self.probe is None or self._probed_step == step:
+        """Probe metrics for ``step`` (computed once per step, reused by later logs)."""
+        if self.probe is None:
             return {}
-        self._probed_step = step
+        if self._probe_cache is not None and self._probe_cache[0] == step:
+            return dict(self._probe_cache[1])
         scores = self.probe.evaluate(self.model)
         out = {f"eval_retention_{k}": v for k, v in scores.items()}
         base = (self.probe_baseline or {}).get("accuracy")
         if base and "accuracy" in scores:
             out["eval_retention_kept"] = scores["accuracy"] / base
-        return out
+        self._probe_cache = (step, out)
+        return dict(out)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or self.model is None:
@@ -424,9 +472,7 @@ class SecuraCallback(TrainerCallback):
             and train_dataloader is not None
             and not getattr(self.trainer, "_secura_consolidates", False)
         ):
-            consolidate_ewc(
-                self.model, self.ewc, train_dataloader, max_batches=self.fisher_batches
-            )
+            consolidate_ewc(self.model, self.ewc, train_dataloader, max_batches=self.fisher_batches)
         return control
 
     # ------------------------------------------------------------------ state
@@ -451,7 +497,9 @@ class SecuraCallback(TrainerCallback):
     def _load_state(self, folder: Path) -> None:
         path = folder / CALLBACK_STATE_NAME
         if not path.is_file():
-            logger.warning("%s has no %s; resuming without SECURA callback state", folder, path.name)
+            logger.warning(
+                "%s has no %s; resuming without SECURA callback state", folder, path.name
+            )
             return
         state = json.loads(path.read_text())
         self.probe_baseline = state.get("probe_baseline")
@@ -500,6 +548,13 @@ class ContinualTrainerMixin:
         **kwargs: Any,
     ) -> None:
         self._secura_task_rows = None
+        model = kwargs.get("model", args[0] if args else None)
+        if is_adapted(model):
+            # SFTTrainer casts trainable tensors of quantized models to bf16 in __init__;
+            # SecuraCallback puts these exact values back (see _restore_adapter_dtype).
+            self._secura_saved_params = {
+                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+            }
         if replay is not None:
             if "train_dataset" not in kwargs:
                 raise TypeError("pass train_dataset= as a keyword argument when using replay=")
