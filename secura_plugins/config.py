@@ -36,6 +36,19 @@ SMAGNORM_MODES = ("normalized", "released", "off")
 MERGE_STRATEGIES = ("m1", "m2", "none")
 A_INITS = ("orthogonal", "released")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+#: Names users bring from PEFT/axolotl configs or the paper, and the field they mean.
+FIELD_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "target_modules",
+    "lora_target_modules": "target_modules",
+    "signorm": "smagnorm",
+    "s_magnorm": "smagnorm",
+    "merge_strategy": "merge",
+    "core_width": "k",
+}
 
 
 def _help(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
@@ -163,7 +176,8 @@ class AdapterConfig:
         names = [f.name for f in fields(cls)]
         for key in data:
             if key not in names:
-                hint = difflib.get_close_matches(str(key), names, n=1)
+                hint = [FIELD_ALIASES[key]] if key in FIELD_ALIASES else []
+                hint = hint or difflib.get_close_matches(str(key), names, n=1)
                 fix = f"did you mean {hint[0]!r}? " if hint else ""
                 raise SecuraConfigError(
                     str(key), f"unknown field; {fix}valid fields: {', '.join(names)}"

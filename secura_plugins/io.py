@@ -381,8 +381,15 @@ def load_adapter(
         ) from err
     method = get_plugin_manager().get_method(config.method)
     if method.native_peft:
+        from peft import PeftConfig
+
+        peft_config = PeftConfig.from_peft_type(**{k: v for k, v in meta.items() if k != "secura"})
         model = PeftModel.from_pretrained(
-            base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable
+            base_model,
+            str(folder),
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+            config=peft_config,
         )
         _promote(model, config, adapter_name)
         return model

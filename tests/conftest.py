@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny checkpoints saved on disk, dense and 4-bit loaders, batches."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")
+warnings.filterwarnings("ignore", category=UserWarning)
+
+KINDS = ("llama", "qwen2")
+METHODS = ("secura", "curlora", "sclora", "lora", "dora")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny checkpoint (model + tokenizer) per architecture."""
+    from secura_plugins.tiny import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {kind: save_tiny_checkpoint(root / kind, kind, seed=7) for kind in KINDS}
+
+
+def load_base(path: Path, quant: str) -> torch.nn.Module:
+    """Load a saved checkpoint dense (fp32) or as bitsandbytes 4-bit NF4 (CPU backend)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quant == "4bit":
+        qc = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        return AutoModelForCausalLM.from_pretrained(str(path), quantization_config=qc).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def loader(checkpoints: dict[str, Path]) -> Callable[[str, str], torch.nn.Module]:
+    return lambda kind, quant="fp32": load_base(checkpoints[kind], quant)
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(4, 90, (2, 12), generator=gen)
+
+
+def calibration(ids: torch.Tensor) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """SC-LoRA calibration batches: the 'new task' and the 'knowledge to preserve'."""
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # padding must be ignored
+    return {
+        "positive": [{"input_ids": ids, "attention_mask": mask}],
+        "negative": [{"input_ids": (ids * 7) % 90 + 4, "attention_mask": torch.ones_like(ids)}],
+    }
+
+
+def method_data(method: str, ids: torch.Tensor) -> dict:
+    return calibration(ids) if method == "sclora" else {}
+
+
+def train_steps(
+    model: torch.nn.Module, ids: torch.Tensor, steps: int = 3, lr: float = 3e-2
+) -> None:
+    """A few real optimizer steps on a next-token loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
