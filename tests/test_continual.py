@@ -356,3 +356,15 @@ def test_probe_inputs_validated(tmp_path, tok):
     path.write_text('{"question": "a"}\n')
     with pytest.raises(ValueError, match=":1:"):
         load_pairs(path)
+
+
+# --------------------------------------------------------------------------- plugin
+def test_ewc_and_replay_are_registered_continual_plugins():
+    from secura_plugins import get_plugin_manager
+    from secura_plugins.continual.plugin import continual_registry
+
+    registry = continual_registry()
+    assert registry is get_plugin_manager().continual
+    assert registry.get("ewc") is EWC and registry.get("replay") is ReplayBuffer
+    assert registry.get("ewc")(lam=2.0, gamma=0.5).gamma == 0.5
+    assert registry.get("replay")(capacity=3, ratio=0.2).ratio == 0.2

@@ -446,7 +446,10 @@ def test_retention_probe_logged_as_eval_metric(tmp_path, tok):
     cb = SecuraCallback(AdapterConfig(**SECURA), probe=pairs, probe_steps=2)
     trainer = SFTTrainer(
         build_tiny_model("llama", vocab_size=len(tok), seed=3),
-        args=sft_config(tmp_path / "run", max_steps=4, eval_strategy="steps", eval_steps=3),
+        # logging every 3 steps: the probe still runs at steps 2 and 4 (it forces a log)
+        args=sft_config(
+            tmp_path / "run", max_steps=4, eval_strategy="steps", eval_steps=3, logging_steps=3
+        ),
         train_dataset=text_dataset(32),
         eval_dataset=text_dataset(8, offset=40),
         processing_class=tok,

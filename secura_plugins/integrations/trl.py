@@ -410,6 +410,12 @@ class SecuraCallback(TrainerCallback):
         for metrics in results:
             if metrics:
                 self._pending.update({k: float(v) for k, v in metrics.items()})
+        if (
+            self.probe is not None
+            and self.probe_steps
+            and state.global_step % self.probe_steps == 0
+        ):
+            control.should_log = True  # the probe rides on a training log at this step
         return control
 
     def record_penalty(self, value: float) -> None:
