@@ -211,3 +211,28 @@ def test_recipe_rows_and_path_sources(tmp_path):
     assert list(recipe.tasks[1].data.load()["text"]) == ["hello"]
     assert builtin_rows("add", 4, seed=2) == builtin_rows("add", 4, seed=2)
     assert builtin_rows("add", 4, seed=2) != builtin_rows("add", 4, seed=3)
+
+
+def test_4bit_recipe_with_gradient_checkpointing(tmp_path, capsys):
+    """The runner's QLoRA path: NF4 base, k-bit prep, checkpointing, fp32 adapter."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    sets = [
+        f"run.output_dir={out}",
+        "model.load_in_4bit=true",
+        "model.gradient_checkpointing=true",
+        "training.max_steps=3",
+        "training.save_steps=3",
+        "tasks[0].data.n=24",
+        "probe.data.n=4",
+        "adapter.target_modules=[q_proj, down_proj]",
+    ]
+    args = ["train", str(RECIPES / "tiny.yaml"), "--no-progress"]
+    assert main(args + sum((["--set", s] for s in sets), [])) == 0
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["secura"]["base_model"]["quantized"] is True
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    cores = {k: v for k, v in tensors.items() if k.endswith((".A", ".B", "u_acc"))}
+    assert cores and all(v.dtype == torch.float32 for v in cores.values())
+    assert any(v.abs().sum() > 0 for k, v in cores.items() if k.endswith(".B"))

@@ -468,3 +468,20 @@ def test_retention_probe_logged_as_eval_metric(tmp_path, tok):
     # the probe measured the model: its loss moved with training
     losses = [h["eval_retention_loss"] for h in hist if "eval_retention_loss" in h]
     assert len(set(losses)) > 1
+
+
+def test_callback_applies_adapter_with_gradient_checkpointing(tmp_path, tok):
+    """Plain model + checkpointing: the swapped-in PeftModel still gets gradients."""
+    cb = SecuraCallback(AdapterConfig(**{**SECURA, "merge": "none"}))
+    trainer = SFTTrainer(
+        build_tiny_model("llama", vocab_size=len(tok), seed=3),
+        args=sft_config(tmp_path / "run", max_steps=2, gradient_checkpointing=True),
+        train_dataset=text_dataset(16),
+        processing_class=tok,
+        callbacks=[cb],
+    )
+    start = adapter_snapshot(trainer.model)
+    trainer.train()
+    end = adapter_snapshot(trainer.model)
+    for suffix in (".A", ".B"):
+        assert any(not torch.equal(start[k], end[k]) for k in start if k.endswith(suffix)), suffix
