@@ -92,6 +92,10 @@ def tiny_config(
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
+        # Rows of unit-ish norm, as in real LLMs (std 0.02 at width 4096 gives row norms
+        # ~1.3); HF's default 0.02 at width 64 would make every row ~8x too small, which
+        # skews methods whose update scales with W (SECURA, CURLoRA) unrealistically.
+        initializer_range=hidden_size**-0.5,
     )
     if kind == "llama":
         return LlamaConfig(**common)

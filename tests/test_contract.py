@@ -108,7 +108,8 @@ def test_merge_reproduces_linear_adapters(kind, method, loader, ids):
     with torch.no_grad():
         adapted = model(ids).logits
         merged = model.merge_and_unload()(ids).logits
-    assert torch.allclose(merged, adapted, atol=1e-5, rtol=1e-5)
+    # fp32 rounding of W + delta (large, random deltas here): ~1e-4; a wrong merge is O(1).
+    assert torch.allclose(merged, adapted, atol=5e-4, rtol=1e-4), (merged - adapted).abs().max()
     assert not torch.allclose(adapted, loader(kind, "fp32")(ids).logits, atol=1e-3)
 
 

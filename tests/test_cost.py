@@ -116,3 +116,18 @@ def test_adapter_flops_scale_with_r_times_width(name):
     core_budget = 2 * R * 4 * R * R + 2 * R * R * R  # A @ B once per forward, not per token
     assert 0 < adapter <= 2 * (TOKENS * per_token_budget + core_budget), (adapter, total)
     assert adapter < 0.2 * base_counter.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    "name", ["secura-normalized-m1", "secura-released-m2", "curlora", "sclora"]
+)
+def test_adapted_layer_compiles_without_graph_breaks(name):
+    """No Python-side, data-dependent branch in the forward: torch.compile sees one graph."""
+    import torch._dynamo as dynamo
+
+    model = _adapted(name)
+    layer = model.get_base_model().proj
+    dynamo.reset()
+    explanation = dynamo.explain(layer)(torch.randn(2, 5, D_IN))
+    assert explanation.graph_count == 1
+    assert explanation.graph_break_count == 0, explanation.break_reasons

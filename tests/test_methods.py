@@ -295,3 +295,26 @@ def test_sclora_requires_calibration_data(loader):
             positive=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}],
             negative=[],
         )
+
+
+@pytest.mark.parametrize("method", ["secura", "curlora", "sclora"])
+def test_gradient_checkpointing_gives_the_same_gradients(loader, ids, method):
+    from conftest import method_data
+
+    grads = []
+    for checkpointing in (False, True):
+        model = apply_adapter(
+            loader("llama", "fp32"), AdapterConfig(method=method, r=4), **method_data(method, ids)
+        )
+        train_steps(model, ids, steps=1)  # B non-zero, so A gets gradients too
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
+    assert any(g.abs().sum() > 0 for g in grads[1].values())

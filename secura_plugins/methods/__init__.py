@@ -1,0 +1,16 @@
+"""Adapter methods: one module per method; each module is a pluggy plugin."""
+
+from .base import AdapterMethod, FrozenLinear
+from .curlora import CURLoRAMethod
+from .lora import LoraMethod
+from .sclora import SCLoRAMethod
+from .secura import SecuraMethod
+
+__all__ = [
+    "AdapterMethod",
+    "CURLoRAMethod",
+    "FrozenLinear",
+    "LoraMethod",
+    "SCLoRAMethod",
+    "SecuraMethod",
+]
