@@ -93,7 +93,13 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_callback import DefaultFlowCallback
 
 from ..config import AdapterConfig
@@ -374,7 +380,15 @@ class SecuraCallback(TrainerCallback):
         return peft_model
 
     # ------------------------------------------------------------------ events
-    def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         trainer = self.trainer or _find_trainer()
         if trainer is not None:
             self.bind(trainer)
@@ -388,7 +402,14 @@ class SecuraCallback(TrainerCallback):
             self.probe = RetentionProbe(list(self.probe), tokenizer)
         return control
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         if model is not None:
             self.model = _unwrap(model)
         if self._resume_dir is not None and state.global_step > 0:
@@ -398,12 +419,16 @@ class SecuraCallback(TrainerCallback):
             logger.info("retention probe before training: %s", self.probe_baseline)
         return control
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         if self.ewc is not None and not self.ewc_via_loss and not self.ewc.is_empty:
             self._penalties.append(self.ewc.penalty_grad_(self.model))
         return control
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         results = get_plugin_manager().hook.secura_step_end(
             model=self.model, step=state.global_step
         )
@@ -443,7 +468,14 @@ class SecuraCallback(TrainerCallback):
         self._probe_cache = (step, out)
         return dict(out)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         if logs is None or self.model is None:
             return control
         before = dict(logs)
@@ -465,13 +497,22 @@ class SecuraCallback(TrainerCallback):
                 last.update(extra)
         return control
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             self.save_state(folder)
         return control
 
-    def on_train_end(self, args, state, control, train_dataloader=None, **kwargs):
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         if (
             self.ewc is not None
             and self.consolidate
@@ -589,7 +630,13 @@ class ContinualTrainerMixin:
         ) or getattr(self, "compute_loss_func", None) is not None
         return 1.0 / steps if model_normalises else 1.0
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
         loss, outputs = super().compute_loss(  # type: ignore[misc]
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
