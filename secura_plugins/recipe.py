@@ -327,9 +327,6 @@ class Recipe:
             raise SecuraConfigError("model", "missing; e.g. model: {tiny: llama}")
         model = ModelSpec.from_dict(data["model"])
         adapter_block = _mapping(data.get("adapter"), "adapter")
-        if adapter_block.get("smagnorm") is False:
-            # YAML 1.1 reads a bare `off` as false: `smagnorm: off` means the string.
-            adapter_block["smagnorm"] = "off"
         try:
             adapter = AdapterConfig.from_dict(adapter_block)
         except SecuraConfigError as err:

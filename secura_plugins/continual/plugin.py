@@ -18,15 +18,11 @@ Example:
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from ..hookspecs import hookimpl
 from .ewc import EWC
 from .replay import ReplayBuffer
-
-#: Name under which this module is registered with the plugin manager.
-PLUGIN_NAME = "secura_plugins.continual.plugin"
 
 
 @hookimpl
@@ -36,22 +32,8 @@ def secura_register_continual(registry: Any) -> None:
     registry.add("replay", ReplayBuffer)
 
 
-def ensure_registered(pm: Any = None) -> Any:
-    """Register this module with the plugin manager if it is not registered yet.
-
-    Needed only while ``secura_plugins.manager.BUILTIN_PLUGINS`` does not list this
-    module; harmless afterwards. Returns the plugin manager.
-    """
-    if pm is None:
-        from ..manager import get_plugin_manager
-
-        pm = get_plugin_manager()
-    module = sys.modules[__name__]
-    if not pm.is_registered(module) and pm.get_plugin(PLUGIN_NAME) is None:
-        pm.register(module, name=PLUGIN_NAME)
-    return pm
-
-
 def continual_registry() -> Any:
-    """The plugin manager's continual registry, with EWC and replay in it."""
-    return ensure_registered().continual
+    """The plugin manager's continual registry (EWC, replay and any third-party mixin)."""
+    from ..manager import get_plugin_manager
+
+    return get_plugin_manager().continual
