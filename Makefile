@@ -29,7 +29,7 @@ $(LATEST)/.installed: pyproject.toml .ci/constraints.txt
 	touch $@
 
 demo: setup
-	TQDM_DISABLE=1 $(PY) -m secura_plugins.demo
+	TQDM_DISABLE=1 $(VENV)/bin/secura demo
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -210,11 +210,23 @@ def _eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- main
 #: The subcommands, in help order. A new subcommand (e.g. ``demo``, kept in its own
 #: module) adds one ``Command(name, help, add_arguments, run)`` entry here.
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from .demo import add_arguments
+
+    add_arguments(p)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS: list[Command] = [
     Command("train", "run a recipe (single task or continual sequence)", _train_args, _train),
     Command("merge", "merge an adapter into its dense base checkpoint", _merge_args, _merge),
     Command("eval", "score an adapter on (prompt, answer) pairs", _eval_args, _eval),
-    # demo: Command("demo", "...", demo.add_arguments, demo.run) goes here.
+    Command("demo", "a one-minute offline tour of every method", _demo_args, _demo),
 ]
 
 

@@ -236,3 +236,20 @@ def test_4bit_recipe_with_gradient_checkpointing(tmp_path, capsys):
     cores = {k: v for k, v in tensors.items() if k.endswith((".A", ".B", "u_acc"))}
     assert cores and all(v.dtype == torch.float32 for v in cores.values())
     assert any(v.abs().sum() > 0 for k, v in cores.items() if k.endswith(".B"))
+
+
+def test_demo_command_runs_every_method(capsys):
+    """`secura demo` (the README's main command) in its smallest form."""
+    from secura_plugins.cli import main
+
+    assert main(["demo", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "lora",
+        "dora",
+        "curlora",
+        "sclora",
+        "secura",
+    ]
+    assert all("| yes " in r and "identical" in r for r in rows), out
