@@ -1,13 +1,16 @@
 # secura-plugins: the two commands a newcomer needs.
 #   make demo   set up .venv (first time: ~5 min) and run the offline demo on a tiny model
-#   make test   set up .venv and run lint + the whole test suite (what CI runs)
+#   make test   set up both environments, run lint + the whole test suite (what CI runs):
+#               .venv            axolotl 0.19.0's pins (transformers 5.16, trl 1.9, peft 0.20)
+#               .venv-trl-latest the newest TRL (it needs a newer transformers than axolotl)
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LATEST := .venv-trl-latest
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-main test-trl-latest lint clean
 
 setup: $(STAMP)
 
@@ -18,14 +21,27 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(PY) -m pip install --quiet -c .ci/constraints.txt -e ".[trl,axolotl,test]"
 	touch $(STAMP)
 
+$(LATEST)/.installed: pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet torch==2.13.0
+	$(LATEST)/bin/python -m pip install --quiet -c .ci/constraints.txt -e ".[trl,test]" "trl>=1.16"
+	touch $@
+
 demo: setup
-	TQDM_DISABLE=1 $(PY) -m secura_plugins.demo
+	TQDM_DISABLE=1 $(VENV)/bin/secura demo
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint test-main test-trl-latest
+
+test-main: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+test-trl-latest: $(LATEST)/.installed
+	$(LATEST)/bin/python -c "import trl, transformers, peft; print('newest TRL env:', trl.__version__, transformers.__version__, peft.__version__)"
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_axolotl.py --ignore=secura_plugins/integrations/axolotl
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)

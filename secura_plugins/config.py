@@ -117,6 +117,8 @@ class AdapterConfig:
     seed: int = _help("Seed of every random choice (CURLoRA sampling, A init).", 0)
 
     def __post_init__(self) -> None:
+        if self.smagnorm is False:  # YAML 1.1 reads a bare `off` as false
+            self.smagnorm = "off"
         _check_int("r", self.r, minimum=1)
         if self.k is not None:
             _check_int("k", self.k, minimum=1)

@@ -123,18 +123,26 @@ def format_table(rows: list[dict[str, object]]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every method's lr")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``secura demo``: print the table, return the exit status."""
     print(f"Training every method for {args.steps} steps on a tiny offline Llama (CPU)...")
     print(format_table(run(args.steps, args.lr_scale, args.seed)))
     print(
         "drift = KL(adapted || base) on unrelated text: how far the model moved from what it knew."
     )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run_cli(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ BUILTIN_PLUGINS = (
     "secura_plugins.methods.curlora",
     "secura_plugins.methods.sclora",
     "secura_plugins.methods.lora",
+    "secura_plugins.continual.plugin",
 )
 
 

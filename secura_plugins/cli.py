@@ -1,0 +1,263 @@
+"""The ``secura`` command.
+
+Subcommands::
+
+    secura train RECIPE.yaml [--set training.max_steps=20] [--output-dir DIR] [--resume]
+    secura merge ADAPTER --out DIR [--base BASE] [--dtype float32]
+    secura eval ADAPTER --probe PAIRS.jsonl|builtin:NAME[:N] [--base BASE] [--load-in-4bit]
+                        [--merged-gap]
+
+``train`` runs a recipe (one task or a continual sequence; see
+:mod:`secura_plugins.recipe`) with progress bars and prints a summary; ``merge`` writes a
+plain transformers checkpoint with the adapter merged in; ``eval`` scores an adapter on
+(prompt, answer) pairs (loss and exact-match accuracy) and, with ``--merged-gap``, also
+the merged export, reporting the largest logit difference between the two. Config
+errors name the field and exit with status 2.
+
+Example:
+    >>> from secura_plugins.cli import main
+    >>> main(["train", "does-not-exist.yaml"])  # the message goes to stderr
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SecuraConfigError, SecuraError
+
+EXIT_CONFIG = 2
+EXIT_ERROR = 1
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``add_arguments(parser)`` and ``run(args) -> exit status``."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------- train
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe entry, e.g. --set training.max_steps=20 (repeatable)",
+    )
+    p.add_argument("--output-dir", help="override run.output_dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip finished tasks and resume the interrupted one from its last checkpoint",
+    )
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe and stop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        names = ", ".join(t.name for t in recipe.tasks)
+        print(f"recipe OK: {len(recipe.tasks)} task(s) [{names}], adapter {recipe.adapter.method}")
+        return 0
+    results = run_recipe(
+        recipe, resume=args.resume, progress=not args.no_progress, output_dir=args.output_dir
+    )
+    _print_summary(results)
+    return 0
+
+
+def _print_summary(results: dict[str, Any]) -> None:
+    print(f"\nrun written to {results['output_dir']} (adapter: {results['adapter']})")
+    for row in results["tasks"]:
+        acc = ", ".join("-" if v is None else f"{v:.3f}" for v in row["accuracy_row"])
+        probe = row.get("probe") or {}
+        extra = f" probe acc {probe['accuracy']:.3f} loss {probe['loss']:.3f}" if probe else ""
+        print(f"  after {row['task']:<12} accuracy [{acc}]{extra}")
+    for key in ("avg_accuracy", "bwt", "forgetting"):
+        if key in results:
+            print(f"  {key}: {results[key]:+.4f}")
+
+
+# --------------------------------------------------------------------------- merge
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder written by save_adapter / secura train")
+    p.add_argument("--out", required=True, help="new folder for the merged checkpoint")
+    p.add_argument("--base", help="dense base checkpoint (default: the one the adapter names)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _adapter_base(adapter: str, base: str | None) -> str:
+    from .io import read_adapter_config
+
+    if base:
+        return base
+    named = read_adapter_config(adapter)["secura"].get("base_model", {}).get("name_or_path")
+    if not named:
+        raise SecuraConfigError("--base", "the adapter does not name its base model; pass --base")
+    return str(named)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .io import merge_adapter_into_base
+
+    base = _adapter_base(args.adapter, args.base)
+    out = merge_adapter_into_base(
+        args.adapter, base, args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
+    print(f"merged checkpoint written to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument(
+        "--probe",
+        required=True,
+        help="(prompt, answer) pairs: a JSON-lines file, or builtin:NAME[:N] (e.g. builtin:add:32)",
+    )
+    p.add_argument("--base", help="base checkpoint (default: the one the adapter names)")
+    p.add_argument("--load-in-4bit", action="store_true", help="load the base in 4-bit (NF4)")
+    p.add_argument(
+        "--merged-gap",
+        action="store_true",
+        help="also score the merged export and report the largest logit difference",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def _pairs(spec: str) -> list[tuple[str, str]]:
+    from .continual.probe import load_pairs
+    from .recipe import builtin_rows
+
+    if spec.startswith("builtin:"):
+        parts = spec.split(":")
+        n = int(parts[2]) if len(parts) > 2 else 32
+        return [(r["prompt"], r["completion"]) for r in builtin_rows(parts[1], n, seed=1000)]
+    if not Path(spec).is_file():
+        raise SecuraConfigError("--probe", f"{spec} is neither a file nor builtin:NAME")
+    return load_pairs(spec)
+
+
+def _load_base(path: str, *, four_bit: bool, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=getattr(torch, dtype),
+        )
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .continual.probe import RetentionProbe
+    from .io import load_adapter
+
+    pairs = _pairs(args.probe)
+    base_path = _adapter_base(args.adapter, args.base)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    probe = RetentionProbe(pairs, tokenizer, batch_size=args.batch_size, progress=True)
+    model = load_adapter(
+        _load_base(base_path, four_bit=args.load_in_4bit, dtype=args.dtype), args.adapter
+    )
+    report: dict[str, Any] = {"adapter": probe.evaluate(model), "pairs": len(probe)}
+    if args.merged_gap:
+        if args.load_in_4bit:
+            raise SecuraConfigError("--merged-gap", "needs a dense base; drop --load-in-4bit")
+        merged = load_adapter(_load_base(base_path, four_bit=False, dtype=args.dtype), args.adapter)
+        merged = merged.merge_and_unload(safe_merge=True).eval()
+        report["merged"] = probe.evaluate(merged)
+        gap = 0.0
+        with torch.no_grad():
+            for prompt, answer in probe.pairs:
+                ids = tokenizer(prompt + answer, return_tensors="pt").input_ids
+                diff = (model(ids).logits.float() - merged(ids).logits.float()).abs().max()
+                gap = max(gap, float(diff))
+        report["max_logit_gap"] = gap
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+#: The subcommands, in help order. A new subcommand (e.g. ``demo``, kept in its own
+#: module) adds one ``Command(name, help, add_arguments, run)`` entry here.
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from .demo import add_arguments
+
+    add_arguments(p)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_cli
+
+    return run_cli(args)
+
+
+COMMANDS: list[Command] = [
+    Command("train", "run a recipe (single task or continual sequence)", _train_args, _train),
+    Command("merge", "merge an adapter into its dense base checkpoint", _merge_args, _merge),
+    Command("eval", "score an adapter on (prompt, answer) pairs", _eval_args, _eval),
+    Command("demo", "a one-minute offline tour of every method", _demo_args, _demo),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="secura", description="Forgetting-resistant fine-tuning: SECURA, EWC, replay."
+    )
+    parser.add_argument("--version", action="version", version=f"secura-plugins {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``secura`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._run(args)
+    except SecuraConfigError as err:
+        print(f"secura: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SecuraError as err:
+        print(f"secura: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

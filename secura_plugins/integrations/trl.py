@@ -1,0 +1,692 @@
+"""TRL / transformers ``Trainer`` integration: one callback, plus a trainer mixin.
+
+``SecuraCallback`` gives a ``trl.SFTTrainer`` (or any ``transformers.Trainer``)
+forgetting-resistant training by adding one callback::
+
+    trainer = SFTTrainer(model, args=SFTConfig(...), train_dataset=ds,
+                         callbacks=[SecuraCallback(AdapterConfig(method="secura", r=16))])
+
+What the callback does, and when (``Trainer`` events):
+
+* ``on_init_end`` (the optimizer does not exist yet): puts the adapter on the model.
+  Three starting points are accepted: a plain model (``apply_adapter``; the trainer's
+  ``model`` is swapped for the ``PeftModel``), a ``PeftModel`` that TRL built from
+  ``peft_config=LoraConfig(...)`` (converted in place with ``convert_peft_model``; this
+  is the path for a 4-bit base, which ``Trainer`` refuses without PEFT), or a model that
+  already carries a secura adapter (used as is). New tensors are created in the adapter
+  dtype (fp32 by default), also on 4-bit bases where TRL casts LoRA weights to bf16.
+* ``on_step_end``: calls the plugin hook ``secura_step_end`` (SECURA's M1/M2 merges) and
+  keeps the metrics it returns.
+* ``on_log``: adds ``secura/merges``, ``secura/gate_mean``, ``ewc/penalty`` and the
+  retention probe's ``eval_retention_loss`` / ``eval_retention_accuracy`` to the
+  Trainer's own ``logs`` dict. The callback moves itself in front of the reporting
+  callbacks at ``on_init_end``, so TensorBoard, W&B and trackio record these keys, and
+  the entry in ``trainer.state.log_history`` gets them too. The probe runs on every
+  evaluation, every ``probe_steps`` training steps, and once at the end of training.
+* ``on_pre_optimizer_step``: the EWC gradient ``lambda F (theta - theta*)`` is added to
+  ``.grad`` (a callback cannot change the loss). This runs after gradient clipping,
+  so the penalty's gradient is not clipped.
+* ``on_save``: writes ``secura_callback.json`` (probe baseline, settings),
+  ``secura_ewc.safetensors`` (Fisher and anchors) and ``secura_replay.jsonl`` (if a
+  replay buffer is attached) into every checkpoint; the adapter itself (SECURA's
+  ``U_acc`` and merge count included) is written by ``Trainer`` through the model's
+  ``save_pretrained``. ``trainer.train(resume_from_checkpoint=...)`` reads them back.
+* ``on_train_end``: folds this task's Fisher into the EWC state and re-anchors it
+  (``consolidate``), so the same callback (or EWC object) protects the task in the
+  next run.
+
+The callback finds its ``Trainer`` by looking up the call stack when the Trainer calls
+``on_init_end`` (``Trainer.__init__`` -> ``CallbackHandler`` -> callback). A host that
+drives callbacks differently calls ``callback.bind(trainer)`` before training.
+
+Which path each continual feature uses:
+
+============================  ==========================  =============================
+feature                       ``SecuraCallback``          ``ContinualTrainerMixin``
+============================  ==========================  =============================
+EWC penalty                   gradient added in           loss term in ``compute_loss``
+                              ``on_pre_optimizer_step``   (clipped with the task loss)
+EWC consolidation (Fisher)    ``on_train_end``            after ``train()`` (if no callback)
+replay mixing                 not possible: the Trainer   mixes ``train_dataset`` before
+                              tokenizes the dataset in    ``Trainer.__init__``; adds the
+                              ``__init__``, before any    task's rows to the buffer
+                              callback runs               after ``train()``
+============================  ==========================  =============================
+
+With both present, the mixin takes over the EWC penalty (the callback's gradient path
+switches itself off), so the penalty is never applied twice.
+
+Example (runs on CPU in a few seconds):
+    >>> import tempfile
+    >>> from datasets import Dataset
+    >>> from trl import SFTConfig, SFTTrainer
+    >>> from secura_plugins import AdapterConfig
+    >>> from secura_plugins.integrations.trl import SecuraCallback
+    >>> from secura_plugins.tiny import build_tiny_model, build_tokenizer
+    >>> tok = build_tokenizer()
+    >>> ds = Dataset.from_dict({"text": [f"{i}+{i}={2 * i}" for i in range(16)]})
+    >>> args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=2, report_to="none",
+    ...                  per_device_train_batch_size=4, use_cpu=True, disable_tqdm=True,
+    ...                  save_strategy="no")
+    >>> cb = SecuraCallback(AdapterConfig(method="secura", r=4, merge_every=1))
+    >>> trainer = SFTTrainer(build_tiny_model(vocab_size=len(tok)), args=args,
+    ...                      train_dataset=ds, processing_class=tok, callbacks=[cb])
+    >>> type(trainer.model).__name__
+    'SecuraPeftModelForCausalLM'
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {...'secura/merges': '2'...}
+    >>> [h["secura/merges"] for h in trainer.state.log_history if "secura/merges" in h][-1]
+    2.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer_callback import DefaultFlowCallback
+
+from ..config import AdapterConfig
+from ..continual.ewc import EWC
+from ..continual.probe import RetentionProbe
+from ..continual.replay import ReplayBuffer
+from ..errors import SecuraConfigError, SecuraError
+from ..manager import get_plugin_manager
+from ..model import apply_adapter, convert_peft_model, is_adapted
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CALLBACK_STATE_NAME",
+    "ContinualTrainerMixin",
+    "EWCTrainerMixin",
+    "EWC_STATE_NAME",
+    "REPLAY_STATE_NAME",
+    "SecuraCallback",
+    "SecuraSFTTrainer",
+    "consolidate_ewc",
+    "find_secura_callback",
+]
+
+CALLBACK_STATE_NAME = "secura_callback.json"
+EWC_STATE_NAME = "secura_ewc.safetensors"
+REPLAY_STATE_NAME = "secura_replay.jsonl"
+#: Batches used to estimate the Fisher at the end of a task, unless the EWC sets its own.
+DEFAULT_FISHER_BATCHES = 32
+
+
+# --------------------------------------------------------------------------- helpers
+def _find_trainer(max_depth: int = 16) -> Trainer | None:
+    """The ``Trainer`` whose method is on the call stack (``Trainer.__init__`` calling
+    ``on_init_end``), or None."""
+    frame = inspect.currentframe()
+    try:
+        current = frame.f_back if frame is not None else None
+        for _ in range(max_depth):
+            if current is None:
+                return None
+            candidate = current.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            current = current.f_back
+    finally:
+        del frame
+    return None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model without accelerate/DDP wrappers (``module`` attribute chains)."""
+    while not isinstance(model, PeftModel) and isinstance(
+        getattr(model, "module", None), nn.Module
+    ):
+        model = model.module
+    return model
+
+
+def find_secura_callback(trainer: Trainer) -> SecuraCallback | None:
+    """The ``SecuraCallback`` registered on ``trainer``, if any."""
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, SecuraCallback):
+            return cb
+    return None
+
+
+def _prepare_for_m1(model: nn.Module) -> int:
+    """Fold pending SECURA updates (``A @ B``) into ``U_acc`` so that ``B`` is zero.
+
+    Called before EWC re-anchors: under M1/M2, ``B`` is reset to zero at every merge,
+    so an anchor with ``B* != 0`` would pull ``B`` back to ``B*`` after each merge and
+    the merge would add ``A B*`` to ``U_acc`` again and again. Returns the number of
+    cores merged.
+    """
+    from ..methods.secura import secura_cores
+
+    merged = 0
+    for core in secura_cores(model):
+        if core.merge != "none" and bool(core.B.detach().abs().sum() > 0):
+            core.merge_()
+            merged += 1
+    return merged
+
+
+def consolidate_ewc(
+    model: nn.Module,
+    ewc: EWC,
+    batches: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """End of a task: Fisher of the trained model, final SECURA merge (see
+    ``_prepare_for_m1``), then ``ewc.consolidate`` (running sum and anchors).
+
+    ``batches`` are collated training batches (dicts with ``labels``), e.g. a Trainer's
+    train dataloader. At most ``max_batches`` (default: ``ewc.fisher_max_batches``, else
+    ``DEFAULT_FISHER_BATCHES``) are used. The CPU random state is left untouched.
+    """
+    limit = max_batches or ewc.fisher_max_batches or DEFAULT_FISHER_BATCHES
+    model = _unwrap(model)
+    with torch.random.fork_rng(devices=[]):
+        # The Fisher of the trained state (B still holds the pending update: with B = 0
+        # the Fisher of A would be exactly zero), then the merge, then the anchors.
+        fisher = ewc.estimate_fisher(model, batches, max_batches=limit, progress=progress)
+    _prepare_for_m1(model)
+    return ewc.consolidate(model, fisher=fisher)
+
+
+def _as_config(config: AdapterConfig | Mapping[str, Any] | None) -> AdapterConfig | None:
+    if config is None or isinstance(config, AdapterConfig):
+        return config
+    if isinstance(config, Mapping):
+        return AdapterConfig.from_dict(dict(config))
+    raise SecuraConfigError(
+        "config", f"must be an AdapterConfig or a dict of its fields, got {type(config).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- callback
+class SecuraCallback(TrainerCallback):
+    """Adapter, merges, EWC, retention probe and checkpoint state for a ``Trainer``.
+
+    Args:
+        config: the adapter (``AdapterConfig`` or a dict of its fields). ``None`` uses
+            the adapter the model already carries, or ``AdapterConfig()`` (SECURA).
+        ewc: an :class:`~secura_plugins.continual.EWC` (empty for the first task, or
+            carried over from earlier tasks). ``None`` switches EWC off.
+        probe: a :class:`~secura_plugins.continual.RetentionProbe`, or a list of
+            ``(prompt, answer)`` pairs (the trainer's tokenizer is used).
+        probe_steps: also run the probe on every training log whose step is a
+            multiple of this (it always runs on evaluations and at the end).
+        consolidate: fold the task's Fisher into ``ewc`` at the end of training.
+        fisher_batches: batches of the train dataloader used for that Fisher.
+        replay: a :class:`~secura_plugins.continual.ReplayBuffer` to save with every
+            checkpoint (mixing happens before the trainer is built; see module doc).
+        adapter_data: calibration data for ``apply_adapter``/``convert_peft_model``
+            (SC-LoRA's ``positive=``/``negative=``).
+    """
+
+    def __init__(
+        self,
+        config: AdapterConfig | Mapping[str, Any] | None = None,
+        *,
+        ewc: EWC | None = None,
+        probe: RetentionProbe | Iterable[tuple[str, str]] | None = None,
+        probe_steps: int | None = None,
+        consolidate: bool = True,
+        fisher_batches: int | None = None,
+        replay: ReplayBuffer | None = None,
+        adapter_data: Mapping[str, Any] | None = None,
+    ) -> None:
+        if probe_steps is not None and probe_steps < 1:
+            raise SecuraConfigError("probe_steps", f"must be >= 1 or None, got {probe_steps}")
+        self.config = _as_config(config)
+        self.ewc = ewc
+        self.probe = probe
+        self.probe_steps = probe_steps
+        self.consolidate = consolidate
+        self.fisher_batches = fisher_batches
+        self.replay = replay
+        self.adapter_data = dict(adapter_data or {})
+        #: Set by ``ContinualTrainerMixin``: the penalty is a loss term, not a gradient here.
+        self.ewc_via_loss = False
+        self.trainer: Trainer | None = None
+        self.model: nn.Module | None = None
+        self.probe_baseline: dict[str, float] | None = None
+        self._pending: dict[str, float] = {}
+        self._penalties: list[float] = []
+        self._probe_cache: tuple[int, dict[str, float]] | None = None
+        self._resume_dir: str | None = None
+        self._carried = False
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, trainer: Trainer) -> SecuraCallback:
+        """Attach to ``trainer``: run before reporting callbacks, learn the resume folder.
+
+        Called automatically from ``on_init_end``; call it yourself only if your host
+        does not build the callback handler the way ``transformers.Trainer`` does.
+        """
+        if self.trainer is trainer:
+            return self
+        self.trainer = trainer
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+            at = 1 if callbacks and isinstance(callbacks[0], DefaultFlowCallback) else 0
+            callbacks.insert(at, self)
+        original_train = trainer.train
+
+        def train(resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+            self._resume_dir = self._resolve_resume(trainer, resume_from_checkpoint)
+            return original_train(resume_from_checkpoint, *args, **kwargs)
+
+        train.__doc__ = original_train.__doc__
+        trainer.train = train  # instance attribute: records where a resume reads from
+        return self
+
+    @staticmethod
+    def _resolve_resume(trainer: Trainer, resume: str | bool | None) -> str | None:
+        if resume is None or resume is False:
+            return None
+        if resume is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            return get_last_checkpoint(trainer.args.output_dir)
+        return str(resume)
+
+    # ------------------------------------------------------------------ model
+    def _restore_adapter_dtype(self, model: nn.Module, *, carried: bool) -> None:
+        """Undo TRL's bf16 cast of trainable tensors on quantized bases.
+
+        ``SFTTrainer.__init__`` casts every trainable parameter of a 4/8-bit model to
+        bf16 before any callback runs. Tensors this callback creates come later and are
+        unaffected; an adapter the model already carried was rounded. The mixin
+        (``SecuraSFTTrainer``) snapshots those tensors first and they are restored
+        exactly; otherwise they are cast back to the adapter dtype with a warning.
+        """
+        saved: dict[str, torch.Tensor] = getattr(self.trainer, "_secura_saved_params", None) or {}
+        dtype = getattr(torch, self.config.adapter_dtype if self.config else "float32")
+        rounded = []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name in saved and saved[name].shape == param.shape:
+                param.data = saved[name].to(param.device)
+            elif param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                rounded.append(name)
+        if rounded and carried:
+            logger.warning(
+                "TRL cast %d trainable adapter tensors of this quantized model to bf16 before the "
+                "callback ran (first: %s); they are back in %s but were rounded. Use "
+                "SecuraSFTTrainer (or pass the base with peft_config=) to keep them exact",
+                len(rounded),
+                rounded[0],
+                dtype,
+            )
+        if hasattr(self.trainer, "_secura_saved_params"):
+            self.trainer._secura_saved_params = None
+
+    def _prepare_model(self, model: nn.Module, args: Any) -> nn.Module:
+        model = self._adapt(model, args)
+        self._restore_adapter_dtype(model, carried=self._carried)
+        return model
+
+    def _adapt(self, model: nn.Module, args: Any) -> nn.Module:
+        self._carried = is_adapted(model)
+        if self._carried:
+            carried = model.secura_config
+            if self.config is not None and self.config.method != carried.method:
+                raise SecuraConfigError(
+                    "method",
+                    f"the model already carries a {carried.method!r} adapter but the callback "
+                    f"asks for {self.config.method!r}; pass the base model, or drop the config",
+                )
+            if self.config is not None and self.config.to_dict() != carried.to_dict():
+                logger.warning("the model's own adapter settings are used: %s", carried)
+            self.config = carried
+            return model
+        config = self.config or AdapterConfig()
+        self.config = config
+        if isinstance(model, PeftModel):
+            # TRL's peft_config path (and the only way to train a 4-bit base).
+            return convert_peft_model(model, config, **self.adapter_data)
+        if self.trainer is None:
+            raise SecuraError(
+                "SecuraCallback could not find its Trainer to swap in the adapted model. "
+                "Pass apply_adapter(model, config) as the model, or call callback.bind(trainer)"
+            )
+        peft_model = apply_adapter(model, config, **self.adapter_data)
+        trainer = self.trainer
+        trainer.model = trainer.model_wrapped = peft_model
+        trainer.callback_handler.model = peft_model
+        if getattr(args, "gradient_checkpointing", False):
+            peft_model.enable_input_require_grads()
+        return peft_model
+
+    # ------------------------------------------------------------------ events
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
+        trainer = self.trainer or _find_trainer()
+        if trainer is not None:
+            self.bind(trainer)
+        if model is None:
+            raise SecuraError("SecuraCallback needs the Trainer's model at on_init_end")
+        self.model = self._prepare_model(model, args)
+        if self.probe is not None and not isinstance(self.probe, RetentionProbe):
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            if tokenizer is None:
+                raise SecuraConfigError("probe", "give a RetentionProbe or a processing_class")
+            self.probe = RetentionProbe(list(self.probe), tokenizer)
+        return control
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
+        if model is not None:
+            self.model = _unwrap(model)
+        if self._resume_dir is not None and state.global_step > 0:
+            self._load_state(Path(self._resume_dir))
+        if self.probe is not None and self.probe_baseline is None and state.global_step == 0:
+            self.probe_baseline = self.probe.evaluate(self.model)
+            logger.info("retention probe before training: %s", self.probe_baseline)
+        return control
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        if self.ewc is not None and not self.ewc_via_loss and not self.ewc.is_empty:
+            self._penalties.append(self.ewc.penalty_grad_(self.model))
+        return control
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        results = get_plugin_manager().hook.secura_step_end(
+            model=self.model, step=state.global_step
+        )
+        for metrics in results:
+            if metrics:
+                self._pending.update({k: float(v) for k, v in metrics.items()})
+        if (
+            self.probe is not None
+            and self.probe_steps
+            and state.global_step % self.probe_steps == 0
+        ):
+            control.should_log = True  # the probe rides on a training log at this step
+        return control
+
+    def record_penalty(self, value: float) -> None:
+        """Record an EWC penalty value for the next training log (used by the mixin)."""
+        self._penalties.append(float(value))
+
+    def _drain(self) -> dict[str, float]:
+        out = dict(self._pending)
+        if self._penalties:
+            out["ewc/penalty"] = sum(self._penalties) / len(self._penalties)
+            self._penalties.clear()
+        return out
+
+    def _run_probe(self, step: int) -> dict[str, float]:
+        """Probe metrics for ``step`` (computed once per step, reused by later logs)."""
+        if self.probe is None:
+            return {}
+        if self._probe_cache is not None and self._probe_cache[0] == step:
+            return dict(self._probe_cache[1])
+        scores = self.probe.evaluate(self.model)
+        out = {f"eval_retention_{k}": v for k, v in scores.items()}
+        base = (self.probe_baseline or {}).get("accuracy")
+        if base and "accuracy" in scores:
+            out["eval_retention_kept"] = scores["accuracy"] / base
+        self._probe_cache = (step, out)
+        return dict(out)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
+        if logs is None or self.model is None:
+            return control
+        before = dict(logs)
+        is_train = "loss" in logs
+        is_final = "train_runtime" in logs
+        is_eval = any(k.startswith("eval_") for k in logs) and not is_final
+        extra: dict[str, float] = {}
+        if is_train or is_final:
+            extra.update(self._drain())
+        due = is_train and self.probe_steps and state.global_step % self.probe_steps == 0
+        if is_eval or is_final or due:
+            extra.update(self._run_probe(state.global_step))
+        if not extra:
+            return control
+        logs.update(extra)
+        if state.log_history:
+            last = state.log_history[-1]
+            if all(last.get(k) == v for k, v in before.items()):
+                last.update(extra)
+        return control
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            self.save_state(folder)
+        return control
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
+        if (
+            self.ewc is not None
+            and self.consolidate
+            and train_dataloader is not None
+            and not getattr(self.trainer, "_secura_consolidates", False)
+        ):
+            consolidate_ewc(self.model, self.ewc, train_dataloader, max_batches=self.fisher_batches)
+        return control
+
+    # ------------------------------------------------------------------ state
+    def save_state(self, folder: str | os.PathLike) -> None:
+        """Write the callback's state (JSON, EWC, replay) into ``folder``."""
+        folder = Path(folder)
+        state = {
+            "format": 1,
+            "config": None if self.config is None else self.config.to_dict(),
+            "probe_baseline": self.probe_baseline,
+            "ewc": self.ewc is not None,
+            "replay": self.replay is not None,
+        }
+        if self.ewc is not None:
+            self.ewc.save(folder / EWC_STATE_NAME)
+        if self.replay is not None:
+            self.replay.save(folder / REPLAY_STATE_NAME)
+        tmp = folder / (CALLBACK_STATE_NAME + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, folder / CALLBACK_STATE_NAME)
+
+    def _load_state(self, folder: Path) -> None:
+        path = folder / CALLBACK_STATE_NAME
+        if not path.is_file():
+            logger.warning(
+                "%s has no %s; resuming without SECURA callback state", folder, path.name
+            )
+            return
+        state = json.loads(path.read_text())
+        self.probe_baseline = state.get("probe_baseline")
+        if state.get("ewc"):
+            loaded = EWC.load(folder / EWC_STATE_NAME)
+            if self.ewc is None:
+                self.ewc = loaded
+            else:
+                self.ewc.load_state_dict(loaded.state_dict())
+        if state.get("replay") and self.replay is not None:
+            self.replay.load_state_dict(ReplayBuffer.load(folder / REPLAY_STATE_NAME).state_dict())
+
+
+# --------------------------------------------------------------------------- mixin
+class ContinualTrainerMixin:
+    """EWC as a loss term and replay mixing for any ``transformers.Trainer`` subclass.
+
+    Put it first in the bases: ``class MyTrainer(ContinualTrainerMixin, SFTTrainer)``
+    (``SecuraSFTTrainer`` is exactly that). Extra keyword arguments:
+
+    * ``ewc``: an :class:`~secura_plugins.continual.EWC`; ``compute_loss`` returns
+      ``task_loss + penalty`` (scaled so the penalty counts once per optimizer step
+      under gradient accumulation). If a ``SecuraCallback`` is registered and no
+      ``ewc`` is given, the callback's EWC is used, and the callback stops adding the
+      gradient itself.
+    * ``replay`` (a :class:`~secura_plugins.continual.ReplayBuffer`) and
+      ``replay_ratio``: ``train_dataset`` is mixed with the buffer before the Trainer
+      tokenizes it; after ``train()`` the task's own rows are added to the buffer.
+    * ``task_name``: the tag of this task's rows in the buffer.
+    * ``fisher_batches``: batches for the end-of-task Fisher when no callback does it.
+
+    Example:
+        >>> from secura_plugins.integrations.trl import SecuraSFTTrainer
+        >>> issubclass(SecuraSFTTrainer, ContinualTrainerMixin)
+        True
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        ewc: EWC | None = None,
+        replay: ReplayBuffer | None = None,
+        replay_ratio: float | None = None,
+        task_name: str | None = None,
+        fisher_batches: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._secura_task_rows = None
+        model = kwargs.get("model", args[0] if args else None)
+        if is_adapted(model):
+            # SFTTrainer casts trainable tensors of quantized models to bf16 in __init__;
+            # SecuraCallback puts these exact values back (see _restore_adapter_dtype).
+            self._secura_saved_params = {
+                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+            }
+        if replay is not None:
+            if "train_dataset" not in kwargs:
+                raise TypeError("pass train_dataset= as a keyword argument when using replay=")
+            self._secura_task_rows = kwargs["train_dataset"]
+            kwargs["train_dataset"] = replay.mix(kwargs["train_dataset"], replay_ratio)
+        super().__init__(*args, **kwargs)
+        self.secura_replay = replay
+        self.secura_task_name = task_name
+        self.secura_fisher_batches = fisher_batches
+        callback = find_secura_callback(self)  # type: ignore[arg-type]
+        if ewc is None and callback is not None:
+            ewc = callback.ewc
+        if callback is not None and ewc is not None:
+            callback.ewc = ewc
+            callback.ewc_via_loss = True
+        self.secura_ewc = ewc
+        # Consolidation is done by the callback's on_train_end when there is one.
+        self._secura_consolidates = callback is None
+
+    def _penalty_scale(self, num_items_in_batch: Any) -> float:
+        # Trainer divides the loss by the accumulation steps only when the model does not
+        # normalise it itself (see Trainer.training_step); the penalty must count once.
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
+        model_normalises = (
+            getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+        ) or getattr(self, "compute_loss_func", None) is not None
+        return 1.0 / steps if model_normalises else 1.0
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        loss, outputs = super().compute_loss(  # type: ignore[misc]
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        ewc = self.secura_ewc
+        if ewc is not None and not ewc.is_empty and model.training:
+            penalty = ewc.penalty(self.model)  # type: ignore[attr-defined]
+            loss = loss + penalty.to(loss.dtype) * self._penalty_scale(num_items_in_batch)
+            self._secura_record(float(penalty.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def _secura_record(self, value: float) -> None:
+        callback = find_secura_callback(self)  # type: ignore[arg-type]
+        if callback is not None:
+            callback.record_penalty(value)
+        else:
+            self.__dict__.setdefault("_secura_penalties", []).append(value)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        values = self.__dict__.get("_secura_penalties")
+        if values and "loss" in logs:
+            logs["ewc/penalty"] = sum(values) / len(values)
+            values.clear()
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+    def train(self, *args: Any, **kwargs: Any):
+        output = super().train(*args, **kwargs)  # type: ignore[misc]
+        if self.secura_ewc is not None and self._secura_consolidates:
+            consolidate_ewc(
+                self.model,  # type: ignore[attr-defined]
+                self.secura_ewc,
+                self.get_train_dataloader(),  # type: ignore[attr-defined]
+                max_batches=self.secura_fisher_batches,
+            )
+        if self.secura_replay is not None and self._secura_task_rows is not None:
+            self.secura_replay.add(self._secura_task_rows, task=self.secura_task_name)
+        return output
+
+
+#: The same mixin under the name the EWC docs use.
+EWCTrainerMixin = ContinualTrainerMixin
+
+
+def _sft_trainer_class() -> type:
+    from trl import SFTTrainer
+
+    class SecuraSFTTrainer(ContinualTrainerMixin, SFTTrainer):
+        """``trl.SFTTrainer`` with :class:`ContinualTrainerMixin` (EWC loss term, replay)."""
+
+    return SecuraSFTTrainer
+
+
+with contextlib.suppress(ImportError):
+    SecuraSFTTrainer = _sft_trainer_class()
