@@ -27,7 +27,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 #: The value of ``adapter:`` that this plugin owns.
 ADAPTER_NAME = "secura"
@@ -202,6 +202,12 @@ class SecuraSettings(_StrictBlock):
     calibration: CalibrationSettings | None = Field(
         default=None, description="SC-LoRA calibration data (method: sclora)."
     )
+
+    @field_validator("smagnorm", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false.
+        return "off" if value is False else value
 
     def adapter_fields(self) -> dict[str, Any]:
         """The adapter fields that were set, as keyword arguments of ``AdapterConfig``."""

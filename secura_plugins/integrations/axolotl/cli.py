@@ -67,9 +67,10 @@ def merge_axolotl_run(
     Returns:
         The folder of the merged checkpoint.
     """
-    import secura_plugins as core
     from axolotl.cli.config import load_cfg
     from axolotl.cli.utils import load_model_and_tokenizer
+
+    import secura_plugins as core
 
     from .plugin import is_secura_cfg
 

@@ -30,7 +30,6 @@ import functools
 from typing import Any
 
 import torch
-
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.dict import DictDefault
 from axolotl.utils.logging import get_logger
