@@ -157,6 +157,24 @@ def set_rank(layer: LoraLayer, adapter_name: str, config: AdapterConfig) -> None
     )
 
 
+def begin_attach(
+    layer: LoraLayer, adapter_name: str, config: AdapterConfig
+) -> tuple[int, int, torch.dtype, torch.device]:
+    """Check that ``r`` fits the layer and sync PEFT's rank bookkeeping.
+
+    Returns ``(d_out, d_in, adapter dtype, device)`` for the method to build its tensors.
+    """
+    base = layer.get_base_layer()
+    d_out, d_in, r = base.out_features, base.in_features, config.r
+    if r > min(d_out, d_in):
+        raise ValueError(
+            f"r={r} is larger than the layer ({d_out} x {d_in}); lower r or drop this layer "
+            "from target_modules"
+        )
+    set_rank(layer, adapter_name, config)
+    return d_out, d_in, adapter_dtype(config), layer_device(layer)
+
+
 def install_core(layer: LoraLayer, adapter_name: str, core: nn.Module, variant: type) -> None:
     """Put ``core`` under ``layer.lora_core[adapter_name]`` and route PEFT through ``variant``."""
     if not hasattr(layer, CORE_ATTR):

@@ -23,12 +23,10 @@ from .base import (
     CORE_ATTR,
     FINGERPRINT_SIZE,
     FrozenLinear,
-    adapter_dtype,
     base_weight,
+    begin_attach,
     fingerprint,
     install_core,
-    layer_device,
-    set_rank,
 )
 
 
@@ -135,15 +133,8 @@ def attach_cur(
     it runs only when ``init`` is true. Otherwise zero tensors of the right shapes are
     allocated, to be filled from a saved adapter.
     """
-    base = layer.get_base_layer()
-    d_out, d_in, r = base.out_features, base.in_features, config.r
-    if r > min(d_out, d_in):
-        raise ValueError(
-            f"r={r} is larger than the layer ({d_out} x {d_in}); lower r or drop this layer "
-            "from target_modules"
-        )
-    dtype, device = adapter_dtype(config), layer_device(layer)
-    set_rank(layer, adapter_name, config)
+    d_out, d_in, dtype, device = begin_attach(layer, adapter_name, config)
+    r = config.r
     if init:
         weight = base_weight(layer)
         cols, rows = select(weight)

@@ -43,12 +43,11 @@ from .base import (
     CORE_ATTR,
     FINGERPRINT_SIZE,
     AdapterMethod,
-    adapter_dtype,
     base_weight,
+    begin_attach,
     fingerprint,
     install_core,
     layer_device,
-    set_rank,
 )
 
 Batch = Mapping[str, torch.Tensor]
@@ -236,15 +235,8 @@ class SCLoRAMethod(AdapterMethod):
         init: bool,
         prepared: Any = None,
     ) -> None:
-        base = layer.get_base_layer()
-        d_out, d_in, r = base.out_features, base.in_features, config.r
-        if r > min(d_out, d_in):
-            raise ValueError(
-                f"r={r} is larger than the layer ({d_out} x {d_in}); lower r or drop this "
-                "layer from target_modules"
-            )
-        dtype, device = adapter_dtype(config), layer_device(layer)
-        set_rank(layer, adapter_name, config)
+        d_out, d_in, dtype, device = begin_attach(layer, adapter_name, config)
+        r = config.r
         core = SCLoRACore(r, d_in, d_out, dtype=dtype, device=device)
         lora_A = nn.Linear(d_in, r, bias=False, device=device, dtype=dtype)
         lora_B = nn.Linear(r, d_out, bias=False, device=device, dtype=dtype)
