@@ -247,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.seq, args.rounds, args.dtypes = min(args.seq, 64), max(args.rounds, 3), ["fp32"]
-    torch.set_num_threads(torch.get_num_threads())
     rows = run(args)
     header = (
         f"device={args.device} ({platform.processor() or platform.machine()}, "

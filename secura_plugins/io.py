@@ -50,13 +50,13 @@ from .errors import AdapterLoadError, ExportError, SecuraConfigError, SecuraErro
 from .manager import get_plugin_manager
 from .methods.base import CORE_ATTR, base_weight, fingerprint, fingerprint_match
 from .model import (
-    ADAPTER_CONTAINERS,
     SecuraModelMixin,
     _build,
     _freeze_all_but_adapter,
     _inject,
     _promote,
     adapter_layers,
+    adapter_modules,
 )
 
 logger = logging.getLogger(__name__)
@@ -135,16 +135,13 @@ def adapter_tensors(
     DeepSpeed), tensors are taken from it where present.
     """
     out: dict[str, torch.Tensor] = {}
-    for name, layer in adapter_layers(model, adapter_name).items():
-        for attr in ADAPTER_CONTAINERS:
-            container = getattr(layer, attr, None)
-            if container is None or adapter_name not in container:
-                continue
-            for tname, tensor in container[adapter_name].state_dict().items():
-                full = f"base_model.model.{name}.{attr}.{adapter_name}.{tname}"
-                if state_dict is not None and full in state_dict:
-                    tensor = state_dict[full]
-                out[f"{name}.{attr}.{tname}"] = tensor
+    for prefix, module in adapter_modules(model, adapter_name):
+        layer_name, attr = prefix.rsplit(".", 1)
+        for tname, tensor in module.state_dict().items():
+            full = f"base_model.model.{layer_name}.{attr}.{adapter_name}.{tname}"
+            if state_dict is not None and full in state_dict:
+                tensor = state_dict[full]
+            out[f"{prefix}.{tname}"] = tensor
     return out
 
 
@@ -394,7 +391,7 @@ def load_adapter(
         _promote(model, config, adapter_name)
         return model
     wanted = list(block["layers"])
-    available = {n for n, m in base_model.named_modules() if isinstance(m, nn.Module)}
+    available = {n for n, _ in base_model.named_modules()}
     absent = [n for n in wanted if n not in available]
     if absent:
         raise AdapterLoadError(

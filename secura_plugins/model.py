@@ -186,16 +186,22 @@ def _promote(peft_model: PeftModel, config: AdapterConfig, adapter_name: str) ->
     peft_config.lora_alpha = config.lora_alpha if config.lora_alpha is not None else config.r
 
 
-def trainable_adapter_parameters(
-    model: nn.Module, adapter_name: str
-) -> Iterable[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every trainable tensor of ``adapter_name``."""
+def adapter_modules(model: nn.Module, adapter_name: str) -> Iterable[tuple[str, nn.Module]]:
+    """(``<layer>.<container>``, module) of every container holding ``adapter_name``'s tensors."""
     for name, layer in adapter_layers(model, adapter_name).items():
         for attr in ADAPTER_CONTAINERS:
             container = getattr(layer, attr, None)
             if container is not None and adapter_name in container:
-                for pname, param in container[adapter_name].named_parameters():
-                    yield f"{name}.{attr}.{pname}", param
+                yield f"{name}.{attr}", container[adapter_name]
+
+
+def trainable_adapter_parameters(
+    model: nn.Module, adapter_name: str
+) -> Iterable[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every trainable tensor of ``adapter_name``."""
+    for prefix, module in adapter_modules(model, adapter_name):
+        for pname, param in module.named_parameters():
+            yield f"{prefix}.{pname}", param
 
 
 def _freeze_all_but_adapter(model: nn.Module, adapter_name: str, *, trainable: bool) -> None:
@@ -285,14 +291,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             trainable += n
     adapter = 0
     if isinstance(model, SecuraModelMixin):
-        for layer in adapter_layers(model, model.secura_adapter_name).values():
-            for attr in ADAPTER_CONTAINERS:
-                container = getattr(layer, attr, None)
-                if container is not None and model.secura_adapter_name in container:
-                    adapter += sum(
-                        t.numel()
-                        for t in container[model.secura_adapter_name].state_dict().values()
-                    )
+        for _, module in adapter_modules(model, model.secura_adapter_name):
+            adapter += sum(t.numel() for t in module.state_dict().values())
     return {"trainable": trainable, "total": total, "adapter": adapter}
 
 
