@@ -222,11 +222,24 @@ def _demo(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from .lab.cli import add_bench_arguments
+
+    add_bench_arguments(p)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .lab.cli import run_bench
+
+    return run_bench(args)
+
+
 COMMANDS: list[Command] = [
     Command("train", "run a recipe (single task or continual sequence)", _train_args, _train),
     Command("merge", "merge an adapter into its dense base checkpoint", _merge_args, _merge),
     Command("eval", "score an adapter on (prompt, answer) pairs", _eval_args, _eval),
-    Command("demo", "a one-minute offline tour of every method", _demo_args, _demo),
+    Command("demo", "3 tasks in a row, LoRA vs SECURA: what each forgets", _demo_args, _demo),
+    Command("bench", "the continual-learning lab: forgetting of every method", _bench_args, _bench),
 ]
 
 

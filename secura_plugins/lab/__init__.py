@@ -1,0 +1,28 @@
+"""The continual-learning lab: how much each method forgets, at equal learning, offline.
+
+A tiny Llama is pretrained from scratch on synthetic knowledge (random facts, sums and
+a copy skill; :mod:`~secura_plugins.lab.base`, cached), then fine-tuned on a sequence of
+distinct string tasks (:mod:`~secura_plugins.lab.data`) with each method through the
+real ``SecuraSFTTrainer`` path (:mod:`~secura_plugins.lab.runner`). The lab reports
+base-knowledge retention, the accuracy matrix (ACC, BWT, forgetting), trainable
+parameters, step time and training-state memory, over several seeds
+(:mod:`~secura_plugins.lab.bench`, :mod:`~secura_plugins.lab.report`).
+
+Command line: ``secura bench`` (the full lab) and ``secura demo`` (3 tasks, LoRA vs
+SECURA).
+"""
+
+from .base import BaseSpec, pretrain_base
+from .bench import DEFAULT_LRS, LabConfig, run_lab
+from .runner import METHODS, RunSettings, run_sequence
+
+__all__ = [
+    "BaseSpec",
+    "DEFAULT_LRS",
+    "LabConfig",
+    "METHODS",
+    "RunSettings",
+    "pretrain_base",
+    "run_lab",
+    "run_sequence",
+]

@@ -1,0 +1,269 @@
+"""The lab's driver: learning-rate sweep, runs over methods x seeds, results folder.
+
+:func:`run_lab` pretrains (or loads) the base, picks each method's learning rate, runs
+every method with every seed through the task sequence, and writes into ``out``:
+
+* ``results.json``: the settings, the sweep, every run's record (accuracy matrix,
+  retention after each task, step times, ...) and the per-method summary. It is
+  rewritten after every run, and a rerun with the same settings skips the runs it
+  already holds (so an interrupted lab resumes);
+* ``table.md``: the summary table (mean ± sd over seeds);
+* ``retention.png`` and ``frontier.png``.
+
+Learning rates ("equal learning"): CUR-style adapters (SECURA, CURLoRA) move much less
+per step than LoRA at the same learning rate, so comparing them at one learning rate
+compares different amounts of learning. With ``sweep=True`` every method family runs the
+first ``sweep_tasks`` tasks at each learning rate of ``lr_grid``, and gets the *smallest*
+learning rate whose learning accuracy (mean of the diagonal of the accuracy matrix)
+reaches ``match`` x the best learning accuracy any method reached in the sweep (or its
+best learning rate, if it never does). Every method thus learns about as well as the
+others, at the gentlest learning rate that does it. Without a sweep, :data:`DEFAULT_LRS`
+(picked that way on the 4-task lab, see BENCHMARKS.md) are used.
+
+Example (``run_lab(cfg)`` then runs it; ``LabConfig.quick`` is the CI-sized lab):
+    >>> from secura_plugins.lab.bench import LabConfig
+    >>> cfg = LabConfig(tasks=4, methods=["lora", "secura"], seeds=[0, 1])
+    >>> cfg.tasks, cfg.lr_for("secura") > cfg.lr_for("lora")
+    (['first', 'up', 'last', 'cap'], True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SecuraConfigError
+from .base import BaseSpec, pretrain_base
+from .data import TASK_ORDER, task_sequence
+from .report import format_table, plot_frontier, plot_retention, summarize
+from .runner import METHODS, RunSettings, method_spec, run_sequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_LRS", "LabConfig", "MAIN_METHODS", "run_lab"]
+
+#: Learning rate per method family (from the 4-task sweep in BENCHMARKS.md).
+DEFAULT_LRS: dict[str, float] = {
+    "full": 3e-4,
+    "lora": 1e-3,
+    "dora": 1e-3,
+    "curlora": 1e-2,
+    "sclora": 1e-3,
+    "secura": 1e-2,
+    "secura-m2": 1e-2,
+    "secura-released": 1e-2,
+    "secura-off": 1e-2,
+    "secura-nomerge": 1e-2,
+    "secura-r16": 1e-2,
+}
+LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+#: The methods of the issue (``secura bench`` runs these unless told otherwise).
+MAIN_METHODS = [
+    "full",
+    "lora",
+    "dora",
+    "curlora",
+    "sclora",
+    "secura",
+    "secura-m2",
+    "secura-released",
+    "secura-off",
+    "lora+ewc",
+    "lora+replay",
+    "secura+ewc",
+    "secura+replay",
+]
+
+
+@dataclass
+class LabConfig:
+    """Everything a lab run depends on (it is written into ``results.json``)."""
+
+    tasks: list[str] = field(default_factory=lambda: task_sequence(4))
+    methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    settings: RunSettings = field(default_factory=RunSettings)
+    base: BaseSpec = field(default_factory=BaseSpec)
+    lrs: dict[str, float] = field(default_factory=dict)
+    sweep: bool = False
+    lr_grid: tuple[float, ...] = LR_GRID
+    sweep_tasks: int = 2
+    match: float = 0.9
+    out: str = "results/lab"
+    cache_dir: str | None = None
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, int):
+            self.tasks = task_sequence(self.tasks)
+        for tag in self.tasks:
+            if tag not in TASK_ORDER:
+                raise SecuraConfigError(
+                    "tasks", f"unknown lab task {tag!r}; choose from {', '.join(TASK_ORDER)}"
+                )
+        if not self.methods:
+            raise SecuraConfigError("methods", "give at least one method")
+        for name in self.methods:
+            method_spec(name)
+        if not self.seeds:
+            raise SecuraConfigError("seeds", "give at least one seed")
+        if not 0 < self.match <= 1:
+            raise SecuraConfigError("match", f"must be in (0, 1], got {self.match}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> LabConfig:
+        """A CI-sized lab: a small base (40 facts, width 64), 8 steps per task, one seed."""
+        kwargs: dict[str, Any] = {
+            "tasks": 2,
+            "seeds": [0],
+            "settings": RunSettings(steps=8, n_train=64, n_eval=16),
+            "base": BaseSpec(
+                n_facts=40,
+                arithmetic=False,
+                copy_probe=10,
+                copy_batch=32,
+                hidden_size=64,
+                intermediate_size=128,
+                min_steps=0,
+                max_steps=600,
+                check_every=50,
+                recall_target=0.95,
+            ),
+            "lr_grid": (1e-3, 1e-2),
+            "sweep_tasks": 1,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def lr_for(self, family: str) -> float:
+        return self.lrs.get(family, DEFAULT_LRS.get(family, 1e-3))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["lr_grid"] = list(self.lr_grid)
+        return data
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _pick_lrs(sweep: list[dict[str, Any]], match: float) -> dict[str, float]:
+    """Per family: the smallest LR reaching ``match`` x the best learning accuracy."""
+    best = max(s["learning_accuracy"] for s in sweep)
+    picked = {}
+    for family in dict.fromkeys(s["family"] for s in sweep):
+        pts = sorted((s for s in sweep if s["family"] == family), key=lambda s: s["lr"])
+        good = [s for s in pts if s["learning_accuracy"] >= match * best]
+        chosen = good[0] if good else max(pts, key=lambda s: s["learning_accuracy"])
+        picked[family] = chosen["lr"]
+    return picked
+
+
+def _threads(n: int | None):
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def ctx():
+        before = torch.get_num_threads()
+        if n:
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return ctx()
+
+
+def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run the lab described by ``cfg``; write and return ``results.json``'s content."""
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    config = cfg.to_dict()
+    previous: dict[str, Any] = {}
+    if results_path.is_file():
+        previous = json.loads(results_path.read_text())
+        if (
+            previous.get("config", {}).get("base") != config["base"]
+            or previous.get("config", {}).get("settings") != config["settings"]
+        ):
+            previous = {}  # different lab: start over (the file is rewritten below)
+    with _threads(cfg.threads):
+        base = pretrain_base(cfg.base, cache_dir=cfg.cache_dir, progress=progress)
+        if base.recall < cfg.base.recall_target:
+            logger.warning("the base recalls only %.3f of its knowledge", base.recall)
+        results: dict[str, Any] = {
+            "config": config,
+            "base": {"path": str(base.path), "recall": base.recall, "steps": base.steps},
+            "sweep": [],
+            "runs": [],
+        }
+        families = list(dict.fromkeys(method_spec(m).family for m in cfg.methods))
+        if cfg.sweep:
+            done = {(s["family"], s["lr"]): s for s in previous.get("sweep", [])}
+            jobs = [(f, lr) for f in families for lr in cfg.lr_grid]
+            sweep_tasks = cfg.tasks[: cfg.sweep_tasks]
+            for family, lr in tqdm(jobs, desc="lr sweep", disable=not progress):
+                if (family, lr) in done and done[(family, lr)]["tasks"] == sweep_tasks:
+                    results["sweep"].append(done[(family, lr)])
+                    continue
+                rec = run_sequence(
+                    base,
+                    METHODS[family],
+                    sweep_tasks,
+                    lr=lr,
+                    seed=cfg.seeds[0],
+                    settings=cfg.settings,
+                )
+                results["sweep"].append(
+                    {
+                        "family": family,
+                        "lr": lr,
+                        "tasks": sweep_tasks,
+                        "learning_accuracy": rec["learning_accuracy"],
+                        "retention": rec["retention"][-1],
+                    }
+                )
+                _write_json(results_path, results)
+            picked = _pick_lrs(results["sweep"], cfg.match)
+            cfg.lrs = {**picked, **cfg.lrs}
+        results["lrs"] = {f: cfg.lr_for(f) for f in families}
+        done_runs = {
+            (r["method"], r["seed"], r["lr"], tuple(r["tasks"])): r
+            for r in previous.get("runs", [])
+        }
+        jobs = [(m, s) for m in cfg.methods for s in cfg.seeds]
+        bar = tqdm(jobs, desc="lab runs", disable=not progress)
+        for name, seed in bar:
+            method = method_spec(name)
+            lr = cfg.lr_for(method.family)
+            bar.set_postfix_str(f"{name} seed {seed}")
+            key = (name, seed, lr, tuple(cfg.tasks))
+            if key in done_runs:
+                results["runs"].append(done_runs[key])
+                continue
+            results["runs"].append(
+                run_sequence(base, method, cfg.tasks, lr=lr, seed=seed, settings=cfg.settings)
+            )
+            _write_json(results_path, results)
+    summary = summarize(results["runs"], cfg.methods)
+    results["summary"] = summary
+    _write_json(results_path, results)
+    table = format_table(summary)
+    (out / "table.md").write_text(table + "\n")
+    plot_retention(summary, cfg.tasks, out / "retention.png")
+    plot_frontier(summary, results["sweep"], out / "frontier.png")
+    return results

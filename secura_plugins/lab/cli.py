@@ -1,0 +1,169 @@
+"""``secura bench`` (the continual-learning lab) and ``secura demo`` (its short version).
+
+Examples::
+
+    secura demo                                   # 3 tasks, LoRA vs SECURA, ~3 min on CPU
+    secura bench --tasks 4 --seeds 0,1,2 --out results/lab4
+    secura bench --tasks 4 --sweep --out results/lab4     # pick learning rates first
+    secura bench --tasks 16 --methods full,lora,secura --out results/lab16
+    secura bench --quick --out /tmp/lab                   # seconds, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+from ..errors import SecuraConfigError
+
+__all__ = ["add_bench_arguments", "add_demo_arguments", "run_bench", "run_demo"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SecuraConfigError(
+            "--seeds", f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="optimizer steps per task (default 64)")
+    p.add_argument(
+        "--cache-dir",
+        help="where pretrained lab bases are kept "
+        "(default $SECURA_LAB_CACHE or ~/.cache/secura-plugins/lab)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: tiny models on shared cores)",
+    )
+    p.add_argument("--quick", action="store_true", help="CI-sized lab (small base, few steps)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from .bench import MAIN_METHODS
+
+    p.add_argument(
+        "--tasks",
+        default="4",
+        help="number of tasks (1-16, e.g. 4 or 16) or a comma list of task tags",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(MAIN_METHODS),
+        help="comma list (default: the issue's methods); 'all' for every variant",
+    )
+    p.add_argument("--seeds", default="0,1", help="comma list of seeds (default 0,1)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="pick each method family's learning rate by a sweep first",
+    )
+    p.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="FAMILY=LR",
+        help="fix a family's learning rate, e.g. --lr secura=0.01 (repeatable)",
+    )
+    p.add_argument("--out", default="results/lab", help="results folder (default results/lab)")
+    _common(p)
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="results folder (default: a temporary folder)")
+    _common(p)
+
+
+def _config(args: argparse.Namespace, **fixed):
+    from .bench import LabConfig
+    from .runner import METHODS
+
+    kwargs = dict(fixed)
+    if getattr(args, "tasks", None) is not None and "tasks" not in kwargs:
+        tasks = args.tasks
+        kwargs["tasks"] = int(tasks) if tasks.isdigit() else [t for t in tasks.split(",") if t]
+    if getattr(args, "methods", None) and "methods" not in kwargs:
+        kwargs["methods"] = (
+            list(METHODS) if args.methods == "all" else [m for m in args.methods.split(",") if m]
+        )
+    if getattr(args, "seeds", None) and "seeds" not in kwargs:
+        kwargs["seeds"] = _ints(args.seeds)
+    lrs = {}
+    for item in getattr(args, "lr", []) or []:
+        family, _, value = item.partition("=")
+        try:
+            lrs[family] = float(value)
+        except ValueError:
+            raise SecuraConfigError("--lr", f"expected FAMILY=LR, got {item!r}") from None
+    if lrs:
+        kwargs["lrs"] = lrs
+    if getattr(args, "sweep", False):
+        kwargs["sweep"] = True
+    kwargs["cache_dir"] = args.cache_dir
+    kwargs["threads"] = args.threads
+    cfg = LabConfig.quick(**kwargs) if args.quick else LabConfig(**kwargs)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise SecuraConfigError("--steps", f"must be >= 1, got {args.steps}")
+        cfg.settings.steps = args.steps
+    return cfg
+
+
+def _quiet() -> None:
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.getLogger("secura_plugins").setLevel(logging.WARNING)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``secura bench``: run the lab, print the table and where the files are."""
+    from .bench import run_lab
+
+    cfg = _config(args, out=args.out)
+    _quiet()
+    result = run_lab(cfg, progress=not args.no_progress)
+    print(Path(cfg.out, "table.md").read_text())
+    print(f"learning rates: {result['lrs']}")
+    print(f"results, table and plots written to {cfg.out}/")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``secura demo``: 3 tasks, LoRA vs SECURA, on the lab's pretrained base."""
+    from .bench import run_lab
+
+    out = args.out or tempfile.mkdtemp(prefix="secura-demo-")
+    cfg = _config(
+        args, tasks=2 if args.quick else 3, methods=["lora", "secura"], seeds=[0], out=out
+    )
+    _quiet()
+    print(
+        f"secura demo: a tiny Llama pretrained on {cfg.base.n_facts} facts"
+        f"{' + 100 sums' if cfg.base.arithmetic else ''} + a copy skill (cached after the "
+        f"first run), then fine-tuned on {len(cfg.tasks)} tasks in a row "
+        f"({', '.join(cfg.tasks)}) with LoRA and with SECURA through trl.SFTTrainer (CPU)."
+    )
+    result = run_lab(cfg, progress=not args.no_progress)
+    print()
+    print(Path(out, "table.md").read_text())
+    for row in result["summary"]:
+        curve = " -> ".join(f"{100 * m:.0f}%" for m, _ in row["retention_curve"])
+        print(f"  {row['method']:<8} base retention after each task: {curve}")
+    print(
+        "\nbase retention = probe accuracy on what the base knew, as % of the base's own; "
+        "ACC = average task accuracy after the last task; learning acc = accuracy on each "
+        "task right after training it."
+    )
+    print(f"results, table and plots written to {out}/ (full lab: secura bench)")
+    return 0

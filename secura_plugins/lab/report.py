@@ -1,0 +1,173 @@
+"""Summaries of lab runs: mean and spread over seeds, a markdown table, PNG plots.
+
+Example:
+    >>> from secura_plugins.lab.report import mean_sd
+    >>> mean_sd([1.0, 3.0])
+    (2.0, 1.4142135623730951)
+    >>> mean_sd([5.0])
+    (5.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["format_table", "mean_sd", "plot_frontier", "plot_retention", "summarize"]
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0.0 for a single value)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("values: need at least one value")
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return statistics.fmean(vals), sd
+
+
+def summarize(records: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per method (in ``methods`` order): mean/sd over its seeds."""
+    rows = []
+    for name in methods:
+        recs = [r for r in records if r["method"] == name]
+        if not recs:
+            continue
+        row: dict[str, Any] = {
+            "method": name,
+            "lr": recs[0]["lr"],
+            "seeds": len(recs),
+            "trainable_params": recs[0]["trainable_params"],
+        }
+        for key in ("avg_accuracy", "learning_accuracy", "bwt", "forgetting", "state_mib"):
+            row[key] = mean_sd([r[key] for r in recs])
+        row["retention"] = mean_sd([r["retention"][-1] for r in recs])
+        row["min_retention"] = mean_sd([min(r["retention"]) for r in recs])
+        row["retention_curve"] = [
+            mean_sd([r["retention"][i] for r in recs]) for i in range(len(recs[0]["retention"]))
+        ]
+        row["step_seconds"] = statistics.median(s for r in recs for s in r["step_seconds"])
+        rows.append(row)
+    return rows
+
+
+def _pm(value: tuple[float, float], scale: float = 100.0, digits: int = 1) -> str:
+    mean, sd = value
+    return f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of :func:`summarize`'s rows (percentages; mean ± sd over seeds)."""
+    head = (
+        "| method | lr | trainable params | base retention % | ACC % | learning acc % "
+        "| BWT % | forgetting % | s/step | train state MiB | seeds |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['trainable_params']:,} | {_pm(r['retention'])} "
+            f"| {_pm(r['avg_accuracy'])} | {_pm(r['learning_accuracy'])} | {_pm(r['bwt'])} "
+            f"| {_pm(r['forgetting'])} | {r['step_seconds']:.3f} "
+            f"| {r['state_mib'][0]:.2f} | {r['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_retention(rows: list[dict[str, Any]], tasks: Sequence[str], path: str | Path) -> Path:
+    """Base-knowledge retention after each task, one line per method (band = ± sd)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    xs = list(range(0, len(tasks) + 1))
+    for r in rows:
+        means = [1.0] + [m for m, _ in r["retention_curve"]]
+        sds = [0.0] + [s for _, s in r["retention_curve"]]
+        (line,) = ax.plot(xs, [100 * m for m in means], marker="o", ms=3, label=r["method"])
+        ax.fill_between(
+            xs,
+            [100 * (m - s) for m, s in zip(means, sds)],
+            [100 * (m + s) for m, s in zip(means, sds)],
+            color=line.get_color(),
+            alpha=0.15,
+        )
+    ax.set_xticks(xs)
+    ax.set_xticklabels(["base", *tasks], rotation=45 if len(tasks) > 6 else 0)
+    ax.set_xlabel("after task")
+    ax.set_ylabel("base-knowledge retention (% of base probe accuracy)")
+    ax.set_ylim(-2, 105)
+    ax.axhline(90, color="grey", lw=0.8, ls="--")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("Retention of the base model's knowledge across the task sequence")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(
+    rows: list[dict[str, Any]], sweep: list[dict[str, Any]], path: str | Path
+) -> Path:
+    """Left: learning-rate sweep (accuracy vs retention per LR, one line per method).
+    Right: end of the sequence (ACC vs retention, mean ± sd over seeds)."""
+    plt = _plt()
+    panels = 2 if sweep else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5), dpi=110, squeeze=False)
+    if sweep:
+        ax = axes[0][0]
+        for family in dict.fromkeys(s["family"] for s in sweep):
+            pts = sorted((s for s in sweep if s["family"] == family), key=lambda s: s["lr"])
+            (line,) = ax.plot(
+                [100 * s["learning_accuracy"] for s in pts],
+                [100 * s["retention"] for s in pts],
+                marker="o",
+                ms=4,
+                label=family,
+            )
+            for s in pts:
+                ax.annotate(
+                    f"{s['lr']:g}",
+                    (100 * s["learning_accuracy"], 100 * s["retention"]),
+                    fontsize=6,
+                    color=line.get_color(),
+                )
+        ax.set_xlabel("learning accuracy on the sweep tasks (%)")
+        ax.set_ylabel("base retention after them (%)")
+        ax.set_title("LR sweep (labels: learning rate)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][panels - 1]
+    for r in rows:
+        (acc, acc_sd), (ret, ret_sd) = r["avg_accuracy"], r["retention"]
+        ax.errorbar(100 * acc, 100 * ret, xerr=100 * acc_sd, yerr=100 * ret_sd, fmt="o", capsize=3)
+        ax.annotate(
+            r["method"],
+            (100 * acc, 100 * ret),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("average task accuracy after the last task, ACC (%)")
+    ax.set_ylabel("base-knowledge retention after the last task (%)")
+    ax.set_title("End of the sequence (mean ± sd over seeds)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))

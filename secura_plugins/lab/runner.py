@@ -1,0 +1,300 @@
+"""Run one method through a task sequence with the real ``SecuraSFTTrainer`` path.
+
+For every task the model (the pretrained lab base, with the method's adapter put on
+once, before the first task) is trained by ``SecuraSFTTrainer`` (``trl.SFTTrainer`` +
+the continual mixin) with a ``SecuraCallback`` (SECURA merges, EWC, replay state), for
+the same number of optimizer steps and batch size for every method. After each task the
+lab measures, with greedy exact match (:class:`~secura_plugins.continual.RetentionProbe`):
+
+* the accuracy on every task seen so far (one row of the accuracy matrix);
+* the base-knowledge probe (every pair the base was pretrained on), reported as
+  retention = probe accuracy / the base model's probe accuracy.
+
+It also records trainable parameters, seconds per optimizer step (``train_runtime`` /
+steps, from the Trainer) and the training state's memory: trainable parameters +
+gradients + optimizer state, counted from the tensors themselves (on CUDA also the peak
+allocated memory).
+
+Methods (:data:`METHODS`) are named, e.g. ``lora``, ``secura``, ``secura-m2``,
+``lora+ewc``; ``+replay`` replays earlier *tasks'* rows; ``+replay-base`` also puts the
+base-knowledge pairs in the buffer first (privileged: it needs the pretraining data).
+SC-LoRA's "preserve" calibration data are the base-knowledge pairs (also privileged,
+by that method's design).
+
+Example:
+    >>> from secura_plugins.lab.runner import METHODS, method_spec
+    >>> method_spec("secura-m2").adapter["merge"], method_spec("lora+ewc").ewc > 0
+    ('m2', True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import BaseModel
+from .data import task_pairs
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "MethodSpec", "RunSettings", "method_spec", "run_sequence"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A compared method: an adapter (``None`` = full fine-tuning) plus continual extras."""
+
+    name: str
+    family: str
+    adapter: dict[str, Any] | None = None
+    ewc: float | None = None
+    replay: float | None = None
+    replay_base: bool = False
+
+
+#: EWC strength. The Fisher of these tiny models' parameters is 1e-10..1e-4, so lambda
+#: must be large for the penalty to matter at all.
+EWC_LAMBDA = 1e6
+REPLAY_RATIO = 0.2
+
+_R = 8
+_SECURA = {"method": "secura", "r": _R}
+
+
+def _m(name: str, family: str, adapter: dict[str, Any] | None, **kw: Any) -> MethodSpec:
+    return MethodSpec(name, family, adapter, **kw)
+
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in [
+        _m("full", "full", None),
+        _m("lora", "lora", {"method": "lora", "r": _R}),
+        _m("dora", "dora", {"method": "dora", "r": _R}),
+        _m("curlora", "curlora", {"method": "curlora", "r": _R}),
+        _m("sclora", "sclora", {"method": "sclora", "r": _R}),
+        _m("secura", "secura", dict(_SECURA)),
+        _m("secura-m2", "secura-m2", {**_SECURA, "merge": "m2"}),
+        _m("secura-released", "secura-released", {**_SECURA, "smagnorm": "released"}),
+        _m("secura-off", "secura-off", {**_SECURA, "smagnorm": "off"}),
+        _m("secura-nomerge", "secura-nomerge", {**_SECURA, "merge": "none"}),
+        _m("secura-r16", "secura-r16", {**_SECURA, "r": 16}),
+        _m("lora+ewc", "lora", {"method": "lora", "r": _R}, ewc=EWC_LAMBDA),
+        _m("lora+replay", "lora", {"method": "lora", "r": _R}, replay=REPLAY_RATIO),
+        _m(
+            "lora+replay-base",
+            "lora",
+            {"method": "lora", "r": _R},
+            replay=REPLAY_RATIO,
+            replay_base=True,
+        ),
+        _m("secura+ewc", "secura", dict(_SECURA), ewc=EWC_LAMBDA),
+        _m("secura+replay", "secura", dict(_SECURA), replay=REPLAY_RATIO),
+    ]
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` called ``name`` (a clear error lists the choices)."""
+    if name not in METHODS:
+        import difflib
+
+        from ..errors import SecuraConfigError
+
+        hint = difflib.get_close_matches(name, list(METHODS), n=1)
+        fix = f"did you mean {hint[0]!r}? " if hint else ""
+        raise SecuraConfigError(
+            "--methods", f"unknown lab method {name!r}; {fix}choose from {', '.join(METHODS)}"
+        )
+    return METHODS[name]
+
+
+@dataclass
+class RunSettings:
+    """The budget every method gets (same for all methods in one lab run)."""
+
+    steps: int = 64
+    batch_size: int = 16
+    n_train: int = 512
+    n_eval: int = 32
+    eval_seed: int = 1000
+    lr_scheduler: str = "linear"
+    max_length: int = 32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _calibration(pairs: list[tuple[str, str]], tok: Any, n: int = 8) -> list[dict[str, Any]]:
+    texts = [p + a for p, a in pairs[: 4 * n]]
+    out = []
+    for i in range(0, len(texts), 4):
+        enc = tok(texts[i : i + 4], return_tensors="pt", padding=True)
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
+
+
+def _rows(pairs: list[tuple[str, str]]):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": p, "completion": a} for p, a in pairs])
+
+
+def _state_bytes(model: torch.nn.Module, optimizer: Any) -> int:
+    """Bytes of trainable parameters, their gradients (same size) and optimizer state."""
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            total += 2 * p.numel() * p.element_size()
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+    return total
+
+
+def run_sequence(
+    base: BaseModel,
+    method: MethodSpec,
+    tasks: list[str],
+    *,
+    lr: float,
+    seed: int = 0,
+    settings: RunSettings | None = None,
+    work_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train ``method`` on ``tasks`` in order from ``base``; return the measured record."""
+    from transformers import PrinterCallback, set_seed
+    from trl import SFTConfig
+
+    from ..config import AdapterConfig
+    from ..continual.ewc import EWC
+    from ..continual.metrics import AccuracyMatrix
+    from ..continual.probe import RetentionProbe
+    from ..continual.replay import ReplayBuffer
+    from ..integrations.trl import SecuraCallback, SecuraSFTTrainer
+    from ..model import apply_adapter, count_parameters
+
+    settings = settings or RunSettings()
+    set_seed(seed)
+    model, tok = base.load()
+    knowledge = base.spec.pairs()
+    probe = RetentionProbe(knowledge, tok, batch_size=128)
+    config = None
+    if method.adapter is not None:
+        config = AdapterConfig.from_dict({**method.adapter, "seed": seed})
+        data = {}
+        if config.method == "sclora":
+            first = task_pairs(tasks[0], settings.n_train, seed=seed)
+            data = {"positive": _calibration(first, tok), "negative": _calibration(knowledge, tok)}
+        model = apply_adapter(model, config, **data)
+    params = count_parameters(model)
+    base_probe = probe.evaluate(model)
+    ewc = EWC(lam=method.ewc) if method.ewc else None
+    buffer = None
+    if method.replay:
+        buffer = ReplayBuffer(capacity=4 * settings.n_train, seed=seed, ratio=method.replay)
+        if method.replay_base:
+            buffer.add(_rows(knowledge), task="base")
+    evals = [
+        RetentionProbe(task_pairs(t, settings.n_eval, seed=settings.eval_seed), tok, batch_size=64)
+        for t in tasks
+    ]
+    matrix = AccuracyMatrix(len(tasks), tasks)
+    record: dict[str, Any] = {
+        "method": method.name,
+        "seed": seed,
+        "lr": lr,
+        "tasks": list(tasks),
+        "trainable_params": params["trainable"],
+        "base_probe": base_probe["accuracy"],
+        "probe": [],
+        "retention": [],
+        "train_loss": [],
+        "step_seconds": [],
+    }
+    state_bytes = 0
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        for i, tag in enumerate(tasks):
+            rows = _rows(task_pairs(tag, settings.n_train, seed=seed))
+            args = SFTConfig(
+                output_dir=str(Path(tmp) / f"task-{i}"),
+                max_steps=settings.steps,
+                per_device_train_batch_size=settings.batch_size,
+                learning_rate=lr,
+                lr_scheduler_type=settings.lr_scheduler,
+                warmup_steps=0,
+                weight_decay=0.0,
+                logging_steps=max(1, settings.steps // 4),
+                save_strategy="no",
+                report_to="none",
+                disable_tqdm=True,
+                seed=seed,
+                data_seed=seed,
+                use_cpu=not torch.cuda.is_available(),
+                max_length=settings.max_length,
+                dataloader_num_workers=0,
+                bf16=False,  # TRL defaults to bf16 autocast; these runs are fp32
+                **settings.extra,
+            )
+            callbacks = [SecuraCallback(ewc=ewc, replay=buffer)] if config is not None else []
+            trainer = SecuraSFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=rows,
+                processing_class=tok,
+                callbacks=callbacks,
+                ewc=ewc,
+                replay=buffer,
+                task_name=tag,
+            )
+            trainer.remove_callback(PrinterCallback)  # logs stay in state.log_history
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            output = trainer.train()
+            steps = max(trainer.state.global_step, 1)
+            record["step_seconds"].append(output.metrics["train_runtime"] / steps)
+            record["train_loss"].append(output.training_loss)
+            state_bytes = max(state_bytes, _state_bytes(trainer.model, trainer.optimizer))
+            if torch.cuda.is_available():
+                record.setdefault("cuda_peak_mib", []).append(
+                    torch.cuda.max_memory_allocated() / 2**20
+                )
+            model = trainer.model
+            for j in range(i + 1):
+                matrix.record(i, j, evals[j].evaluate(model)["accuracy"])
+            score = probe.evaluate(model)["accuracy"]
+            record["probe"].append(score)
+            record["retention"].append(score / base_probe["accuracy"])
+            logger.info(
+                "%s seed %d lr %g after %s: acc %s retention %.3f",
+                method.name,
+                seed,
+                lr,
+                tag,
+                [round(v, 3) for v in matrix.a[i][: i + 1]],
+                record["retention"][-1],
+            )
+            del trainer
+    record["matrix"] = matrix.a
+    record.update(matrix.summary())
+    record["learning_accuracy"] = sum(matrix.a[i][i] for i in range(len(tasks))) / len(tasks)
+    record["state_mib"] = state_bytes / 2**20
+    if any(math.isnan(v) for v in record["train_loss"] if v is not None):
+        logger.warning("%s seed %d: NaN training loss", method.name, seed)
+    return record
+
+
+def settings_dict(settings: RunSettings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def elapsed(start: float) -> float:
+    return time.perf_counter() - start
