@@ -61,7 +61,7 @@ DEFAULT_LRS: dict[str, float] = {
     "secura-nomerge": 1e-2,
     "secura-r16": 1e-2,
 }
-LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 #: The methods of the issue (``secura bench`` runs these unless told otherwise).
 MAIN_METHODS = [
     "full",
@@ -92,7 +92,8 @@ class LabConfig:
     lrs: dict[str, float] = field(default_factory=dict)
     sweep: bool = False
     lr_grid: tuple[float, ...] = LR_GRID
-    sweep_tasks: int = 2
+    sweep_tasks: int = 1
+    sweep_only: bool = False
     match: float = 0.9
     out: str = "results/lab"
     cache_dir: str | None = None
@@ -245,7 +246,7 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
             (r["method"], r["seed"], r["lr"], tuple(r["tasks"])): r
             for r in previous.get("runs", [])
         }
-        jobs = [(m, s) for m in cfg.methods for s in cfg.seeds]
+        jobs = [] if cfg.sweep_only else [(m, s) for m in cfg.methods for s in cfg.seeds]
         bar = tqdm(jobs, desc="lab runs", disable=not progress)
         for name, seed in bar:
             method = method_spec(name)
@@ -264,6 +265,7 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
     _write_json(results_path, results)
     table = format_table(summary)
     (out / "table.md").write_text(table + "\n")
-    plot_retention(summary, cfg.tasks, out / "retention.png")
+    if summary:
+        plot_retention(summary, cfg.tasks, out / "retention.png")
     plot_frontier(summary, results["sweep"], out / "frontier.png")
     return results

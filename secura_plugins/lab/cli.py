@@ -66,6 +66,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="pick each method family's learning rate by a sweep first",
     )
+    p.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     p.add_argument(
         "--lr",
         action="append",
@@ -105,8 +106,9 @@ def _config(args: argparse.Namespace, **fixed):
             raise SecuraConfigError("--lr", f"expected FAMILY=LR, got {item!r}") from None
     if lrs:
         kwargs["lrs"] = lrs
-    if getattr(args, "sweep", False):
+    if getattr(args, "sweep", False) or getattr(args, "sweep_only", False):
         kwargs["sweep"] = True
+        kwargs["sweep_only"] = getattr(args, "sweep_only", False)
     kwargs["cache_dir"] = args.cache_dir
     kwargs["threads"] = args.threads
     cfg = LabConfig.quick(**kwargs) if args.quick else LabConfig(**kwargs)
@@ -122,6 +124,7 @@ def _quiet() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     logging.getLogger("secura_plugins").setLevel(logging.WARNING)
 
