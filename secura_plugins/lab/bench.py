@@ -45,7 +45,7 @@ from .runner import METHODS, RunSettings, method_spec, run_sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_LRS", "LabConfig", "MAIN_METHODS", "run_lab"]
+__all__ = ["DEFAULT_LRS", "LabConfig", "MAIN_METHODS", "render", "run_lab"]
 
 #: Learning rate per method family (from the 4-task sweep in BENCHMARKS.md).
 DEFAULT_LRS: dict[str, float] = {
@@ -260,12 +260,19 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
                 run_sequence(base, method, cfg.tasks, lr=lr, seed=seed, settings=cfg.settings)
             )
             _write_json(results_path, results)
-    summary = summarize(results["runs"], cfg.methods)
+    return render(results, out, cfg.methods, cfg.tasks)
+
+
+def render(
+    results: dict[str, Any], out: str | Path, methods: list[str], tasks: list[str]
+) -> dict[str, Any]:
+    """Summarize ``results["runs"]`` and write results.json, table.md and the plots."""
+    out = Path(out)
+    summary = summarize(results["runs"], methods)
     results["summary"] = summary
-    _write_json(results_path, results)
-    table = format_table(summary)
-    (out / "table.md").write_text(table + "\n")
+    _write_json(out / "results.json", results)
+    (out / "table.md").write_text(format_table(summary) + "\n")
     if summary:
-        plot_retention(summary, cfg.tasks, out / "retention.png")
+        plot_retention(summary, tasks, out / "retention.png")
     plot_frontier(summary, results["sweep"], out / "frontier.png")
     return results

@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,7 +121,7 @@ def plot_frontier(
     """Left: learning-rate sweep (accuracy vs retention per LR, one line per method).
     Right: end of the sequence (ACC vs retention, mean ± sd over seeds)."""
     plt = _plt()
-    panels = 2 if sweep else 1
+    panels = bool(sweep) + bool(rows) or 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5), dpi=110, squeeze=False)
     if sweep:
         ax = axes[0][0]
@@ -147,6 +146,8 @@ def plot_frontier(
         ax.set_title("LR sweep (labels: learning rate)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if not rows:
+        return _save(fig, plt, path)
     ax = axes[0][panels - 1]
     for r in rows:
         (acc, acc_sd), (ret, ret_sd) = r["avg_accuracy"], r["retention"]
@@ -162,12 +163,12 @@ def plot_frontier(
     ax.set_ylabel("base-knowledge retention after the last task (%)")
     ax.set_title("End of the sequence (mean ± sd over seeds)")
     ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
