@@ -88,10 +88,11 @@ def plot_retention(rows: list[dict[str, Any]], tasks: Sequence[str], path: str |
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     xs = list(range(0, len(tasks) + 1))
-    for r in rows:
+    for i, r in enumerate(rows):
         means = [1.0] + [m for m, _ in r["retention_curve"]]
         sds = [0.0] + [s for _, s in r["retention_curve"]]
-        (line,) = ax.plot(xs, [100 * m for m in means], marker="o", ms=3, label=r["method"])
+        style = "-" if i < 10 else "--"  # the colour cycle repeats after 10 methods
+        (line,) = ax.plot(xs, [100 * m for m in means], style, marker="o", ms=3, label=r["method"])
         ax.fill_between(
             xs,
             [100 * (m - s) for m, s in zip(means, sds)],
