@@ -67,7 +67,7 @@ def _pair(**config):
         )
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for name, p in sorted(model.named_parameters()):
+            for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
                 if p.requires_grad:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
             for core in (m for m in model.modules() if hasattr(m, "u_acc")):
