@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,7 @@ def test_the_gate_keeps_only_a_float16_tensor_for_backward():
 def _speed_module():
     spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["speed"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
