@@ -251,17 +251,42 @@ class SecuraMethod(AdapterMethod):
 
         def select(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # Deterministic: the r columns and rows of smallest L2 norm, no duplicates.
-            cols = torch.topk(weight.norm(dim=0), r, largest=False).indices
-            rows = torch.topk(weight.norm(dim=1), r, largest=False).indices
+            col_sq, row_sq = squared_norms(weight)
+            cols = torch.topk(col_sq, r, largest=False).indices
+            rows = torch.topk(row_sq, r, largest=False).indices
             if init:
-                _init_a(core.A, weight, config, layer_name)
+                _init_a(core.A, weight, config, layer_name, mean_sq=float(row_sq.sum()) / weight.numel())
             return cols.sort().values, rows.sort().values
 
         attach_cur(layer, adapter_name, config, core, SecuraVariant, select=select, init=init)
 
 
 @torch.no_grad()
-def _init_a(A: torch.Tensor, weight: torch.Tensor, config: Any, layer_name: str) -> None:
+def squared_norms(weight: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared L2 norms of ``weight``'s columns and rows (fp32) in one pass over row blocks.
+
+    Same order as ``weight.norm(dim=0)``/``norm(dim=1)``, without their full-size
+    temporaries or the slow strided column reduction (seconds on a 14336 x 4096 layer).
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([[3.0, 0.0], [4.0, 1.0]])
+        >>> squared_norms(w)
+        (tensor([25.,  1.]), tensor([ 9., 17.]))
+    """
+    cols = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+    rows = []
+    for block in weight.split(chunk):
+        sq = block.float().square()
+        cols += sq.sum(0)
+        rows.append(sq.sum(1))
+    return cols, torch.cat(rows)
+
+
+@torch.no_grad()
+def _init_a(
+    A: torch.Tensor, weight: torch.Tensor, config: Any, layer_name: str, *, mean_sq: float
+) -> None:
     r, k = A.shape
     if config.a_init == "released":
         # The authors' code: the top-left r x k block of W (padded if W is narrower).
@@ -272,7 +297,7 @@ def _init_a(A: torch.Tensor, weight: torch.Tensor, config: Any, layer_name: str)
     # Orthonormal rows (k >= r), scaled to W's RMS so the update's scale matches W's.
     gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer_name))
     q, _ = torch.linalg.qr(torch.randn(k, r, generator=gen, dtype=torch.float32))
-    rms = weight.pow(2).mean().sqrt().item()
+    rms = mean_sq**0.5
     A.copy_((q.T * rms * (k**0.5)).to(A.dtype))
 
 
