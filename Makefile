@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LATEST := .venv-trl-latest
 
-.PHONY: setup demo test test-main test-trl-latest lint clean
+.PHONY: setup demo test test-main test-trl-latest lint bench-guard clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,13 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: lint test-main test-trl-latest
+test: lint bench-guard test-main test-trl-latest
+
+# Speed regression guard (issue 6): SECURA/CURLoRA step time vs LoRA on quarter-width
+# Llama shapes, one thread, CPU-time clock, medians of alternating rounds (~30 s).
+# Fails only on a gross regression (> 1.5x LoRA); the measured ratios are about 1.0-1.1.
+bench-guard: setup
+	TQDM_DISABLE=1 $(PY) benchmarks/speed.py --quick --check 1.5
 
 test-main: setup
 	$(PY) -m pytest -q -p no:cacheprovider
