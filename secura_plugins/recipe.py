@@ -452,7 +452,12 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         last = i == len(parts) - 1
         key: Any = int(part) if part.isdigit() and isinstance(node, list) else part
         if last:
-            node[key] = value
+            if isinstance(node, list) and isinstance(key, int) and key == len(node):
+                node.append(value)  # tasks[2]=... adds a third task
+            elif isinstance(node, list) and not (isinstance(key, int) and key < len(node)):
+                raise SecuraConfigError(dotted, f"no such entry: the list has {len(node)} items")
+            else:
+                node[key] = value
             return
         if isinstance(node, dict) and key not in node:
             node[key] = {}
@@ -711,6 +716,12 @@ def run_recipe(
 
     out = _writable_output_dir(Path(output_dir or recipe.output_dir))
     set_seed(recipe.seed)
+    for i, task in enumerate(recipe.tasks):
+        if task.data.path is not None and not Path(task.data.path).read_text().strip():
+            raise SecuraConfigError(
+                f"tasks[{i}].data.path",
+                f"{task.data.path} is empty; give the task at least one training example",
+            )
     datasets = [task.data.load() for task in recipe.tasks]
     for i, ds in enumerate(datasets):
         if len(ds) == 0:
