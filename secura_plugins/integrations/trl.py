@@ -134,6 +134,7 @@ __all__ = [
     "consolidate_ewc",
     "find_secura_callback",
     "last_complete_checkpoint",
+    "sharding_problem",
 ]
 
 CALLBACK_STATE_NAME = "secura_callback.json"
@@ -220,6 +221,51 @@ def _fsync_files(folder: Path) -> None:
         if path.is_file():
             with contextlib.suppress(OSError), open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def sharding_problem(
+    *, fsdp: bool, zero_stage: int | None, merge: str | None, ewc: bool
+) -> str | None:
+    """Why this combination of parameter sharding and features is refused, or None.
+
+    SECURA's merges read whole ``A``/``B`` on each rank and EWC anchors whole tensors;
+    FSDP and DeepSpeed ZeRO-3 shard parameters, and the library does not gather them
+    yet (docs/scale-out.md).
+
+    Example:
+        >>> sharding_problem(fsdp=False, zero_stage=2, merge="m1", ewc=True) is None
+        True
+        >>> sharding_problem(fsdp=True, zero_stage=None, merge="none", ewc=False) is None
+        True
+        >>> print(sharding_problem(fsdp=True, zero_stage=None, merge="m1", ewc=False))
+        FSDP shards SECURA's A and B, and merge 'm1' needs them whole on every rank (not supported yet); set merge: none, or train with DDP or DeepSpeed ZeRO-1/2 (docs/scale-out.md)
+    """
+    name = "FSDP" if fsdp else "DeepSpeed ZeRO-3" if zero_stage == 3 else None
+    if name is None:
+        return None
+    fix = "train with DDP or DeepSpeed ZeRO-1/2 (docs/scale-out.md)"
+    if merge not in (None, "none"):
+        return (
+            f"{name} shards SECURA's A and B, and merge {merge!r} needs them whole on every "
+            f"rank (not supported yet); set merge: none, or {fix}"
+        )
+    if ewc:
+        return (
+            f"{name} shards the parameters EWC anchors and its gradients are not the "
+            f"per-example ones the Fisher needs (not supported yet); drop continual.ewc, or {fix}"
+        )
+    return None
+
+
+def _trainer_sharding(trainer: Trainer | None) -> tuple[bool, int | None]:
+    if trainer is None:
+        return False, None
+    fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
+    stage = None
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
+        stage = getattr(plugin, "zero_stage", None)
+    return fsdp, stage
 
 
 def _distributed() -> bool:
@@ -514,6 +560,15 @@ class SecuraCallback(TrainerCallback):
     ) -> TrainerControl:
         if model is not None:
             self.model = _unwrap(model)
+        fsdp, stage = _trainer_sharding(self.trainer)
+        problem = sharding_problem(
+            fsdp=fsdp,
+            zero_stage=stage,
+            merge=self.config.merge if self.config and self.config.method == "secura" else None,
+            ewc=self.ewc is not None,
+        )
+        if problem is not None:
+            raise SecuraConfigError("parallelism", problem)
         if self._resume_dir is not None and state.global_step > 0:
             self._load_state(Path(self._resume_dir))
         if self.probe is not None and self.probe_baseline is None and state.global_step == 0:
