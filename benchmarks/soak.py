@@ -107,7 +107,7 @@ def soak(steps: int = 2000, every: int = 200, lr: float = 1e-3, seed: int = 0) -
             gc.collect()
             samples.append(
                 {"step": step, "rss_mib": round(rss_mib(), 1), "live_tensors": live_tensors(),
-                 "loss": round(float(loss), 4)}
+                 "loss": round(float(loss.detach()), 4)}
             )
     seconds = time.perf_counter() - t0
     u_drift = dense_drift = 0.0

@@ -697,7 +697,7 @@ class SecuraCallback(TrainerCallback):
         if _distributed():
             torch.distributed.barrier()  # every rank's files (RNG states) are written
         if args.should_save and folder.is_dir():
-            self.save_state(folder)
+            self.save_state(folder, manifest=True)
         return control
 
     def on_train_end(
@@ -718,11 +718,12 @@ class SecuraCallback(TrainerCallback):
         return control
 
     # ------------------------------------------------------------------ state
-    def save_state(self, folder: str | os.PathLike) -> None:
+    def save_state(self, folder: str | os.PathLike, *, manifest: bool = False) -> None:
         """Write the callback's state (EWC, replay, then the JSON marker) into ``folder``.
 
-        The JSON is written last and lists every file of ``folder`` with its size, so
-        it marks the folder complete (see :func:`checkpoint_problem`).
+        The JSON is written last. With ``manifest`` (Trainer checkpoints, from
+        ``on_save``) the files of ``folder`` are fsynced and the JSON lists each with its
+        size, which marks the checkpoint complete (see :func:`checkpoint_problem`).
         """
         folder = Path(folder)
         state = {
@@ -736,9 +737,10 @@ class SecuraCallback(TrainerCallback):
             self.ewc.save(folder / EWC_STATE_NAME)
         if self.replay is not None:
             self.replay.save(folder / REPLAY_STATE_NAME)
-        kill_point("checkpoint-marker")  # test-only crash point (see secura_plugins.faults)
-        _fsync_files(folder)
-        state["files"] = _checkpoint_files(folder)
+        if manifest:
+            kill_point("checkpoint-marker")  # test-only crash point (secura_plugins.faults)
+            _fsync_files(folder)
+            state["files"] = _checkpoint_files(folder)
         tmp = folder / (CALLBACK_STATE_NAME + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, folder / CALLBACK_STATE_NAME)
