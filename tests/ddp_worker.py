@@ -17,12 +17,6 @@ import sys
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-warnings.filterwarnings("ignore")
-
 MERGE_EVERY = 2
 STEPS = 4
 
@@ -105,4 +99,9 @@ if __name__ == "__main__":
     import signal
 
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid> prints where a rank waits
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
     main(Path(sys.argv[1]))
