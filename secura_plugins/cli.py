@@ -8,7 +8,8 @@ Subcommands::
                         [--merged-gap]
 
 ``train`` runs a recipe (one task or a continual sequence; see
-:mod:`secura_plugins.recipe`) with progress bars and prints a summary; ``merge`` writes a
+:mod:`secura_plugins.recipe`) with progress bars and prints a summary; rerun the same
+command after a crash or preemption and it resumes from the last complete checkpoint; ``merge`` writes a
 plain transformers checkpoint with the adapter merged in; ``eval`` scores an adapter on
 (prompt, answer) pairs (loss and exact-match accuracy) and, with ``--merged-gap``, also
 the merged export, reporting the largest logit difference between the two. Config
@@ -61,7 +62,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="skip finished tasks and resume the interrupted one from its last checkpoint",
+        help="also continue a folder that has no secura_run.json record (written by older "
+        "versions); rerunning the same recipe into its output_dir always resumes",
     )
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -76,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"recipe OK: {len(recipe.tasks)} task(s) [{names}], adapter {recipe.adapter.method}")
         return 0
     results = run_recipe(
-        recipe, resume=args.resume, progress=not args.no_progress, output_dir=args.output_dir
+        recipe, resume=True if args.resume else None, progress=not args.no_progress, output_dir=args.output_dir
     )
     _print_summary(results)
     return 0

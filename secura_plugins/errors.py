@@ -21,3 +21,7 @@ class AdapterLoadError(SecuraError, ValueError):
 
 class ExportError(SecuraError, RuntimeError):
     """A merged checkpoint cannot be written faithfully."""
+
+
+class TrainingDivergedError(SecuraError, RuntimeError):
+    """The loss or an adapter tensor became NaN/inf; training stopped before saving it."""

@@ -11,9 +11,13 @@ Format of an adapter folder:
   the :class:`~secura_plugins.AdapterConfig`, the adapted layers and their shapes, the
   base model's identity and the SHA-256 of the tensor file.
 
-Writes are atomic per file (temp file, fsync, rename) and the config is written last
-and names the tensor file's hash, so an interrupted save is detected at load time and
-never taken for a good adapter.
+Writes are atomic. A new folder (or one holding only an adapter) is written into a
+hidden scratch folder beside it and renamed into place, so the folder holds the old
+adapter or the new one, never a mix. Inside a folder with other content (a Trainer
+checkpoint) each file is atomic (temp file, fsync, rename) and the config is written
+last and names the tensor file's SHA-256, so an interrupted save is detected at load
+time and never taken for a good adapter. Only safetensors and JSON are read: a folder
+holding pickle files (``.bin``, ``.pt``) is refused, never unpickled.
 
 Example:
     >>> import tempfile, torch
@@ -47,6 +51,7 @@ from torch import nn
 from . import __version__
 from .config import AdapterConfig
 from .errors import AdapterLoadError, ExportError, SecuraConfigError, SecuraError
+from .faults import kill_point
 from .manager import get_plugin_manager
 from .methods.base import CORE_ATTR, base_weight, fingerprint, fingerprint_match
 from .model import (
@@ -163,11 +168,57 @@ def save_adapter(
     Refuses to write an adapter holding NaN or inf, naming the layer, so a diverged run
     never overwrites a good adapter.
     """
+    config, adapter_name = _require_adapted(model)
+    target = Path(path)
+    if _is_new_or_adapter_dir(target):
+        _prepare_dir(target.parent)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            _write_adapter(model, config, adapter_name, stage, state_dict)
+            _replace_dir(stage, target)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return target
+    _write_adapter(model, config, adapter_name, _prepare_dir(target), state_dict)
+    return target
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _is_new_or_adapter_dir(path: Path) -> bool:
+    """True for a missing or empty folder, or one holding only an adapter's two files."""
+    if not path.exists():
+        return True
+    if not path.is_dir():
+        return False
+    return {p.name for p in path.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME}
+
+
+def _replace_dir(stage: Path, target: Path) -> None:
+    """Rename the finished folder ``stage`` to ``target``; an old ``target`` is moved
+    aside first and deleted after (a crash in between leaves it as ``.NAME.old-*``)."""
+    try:
+        os.replace(stage, target)  # target absent or an empty folder
+    except OSError:
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(stage, target)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(target.parent)
+
+
+def _write_adapter(
+    model: nn.Module,
+    config: AdapterConfig,
+    adapter_name: str,
+    folder: Path,
+    state_dict: dict[str, torch.Tensor] | None,
+) -> None:
     from safetensors.torch import save_file
 
-    config, adapter_name = _require_adapted(model)
     method = get_plugin_manager().get_method(config.method)
-    folder = _prepare_dir(Path(path))
     block: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "version": __version__,
@@ -206,8 +257,8 @@ def save_adapter(
         }
     block["tensors_sha256"] = _sha256(folder / WEIGHTS_NAME)
     meta["secura"] = block
+    kill_point("adapter-weights")  # test-only crash point (see secura_plugins.faults)
     _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return folder
 
 
 def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
@@ -249,11 +300,37 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _verified_weights(folder: Path, block: dict[str, Any]) -> Path:
+    """The folder's safetensors file, checked against the SHA-256 its config names."""
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        _refuse_pickle(folder)
+        raise AdapterLoadError(f"{weights} is missing; the adapter folder is incomplete")
+    expected_hash = block.get("tensors_sha256")
+    if expected_hash and _sha256(weights) != expected_hash:
+        raise AdapterLoadError(
+            f"{weights} does not match {CONFIG_NAME} (SHA-256 differs): the save was "
+            "interrupted or the file was altered; use an earlier checkpoint"
+        )
+    return weights
+
+
+def _refuse_pickle(folder: Path) -> None:
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise AdapterLoadError(
+            f"{folder} holds pickle weights ({pickles[0]}) and no {WEIGHTS_NAME}; "
+            "secura-plugins reads safetensors only and never unpickles (pickle files can "
+            "run code when loaded). Re-save the adapter with save_adapter"
+        )
+
+
 def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.is_file():
+        _refuse_pickle(path.parent)
         raise AdapterLoadError(f"{path} is missing; the adapter folder is incomplete")
     try:
         return load_file(str(path))
@@ -283,14 +360,7 @@ def load_adapter_weights(
             f"{folder} holds a {block['method']!r} adapter but the model carries "
             f"{config.method!r}; load it onto a fresh base with load_adapter"
         )
-    weights = folder / WEIGHTS_NAME
-    expected_hash = block.get("tensors_sha256")
-    if expected_hash and weights.is_file() and _sha256(weights) != expected_hash:
-        raise AdapterLoadError(
-            f"{weights} does not match {CONFIG_NAME} (SHA-256 differs): the save was "
-            "interrupted or the file was altered; use an earlier checkpoint"
-        )
-    tensors = _load_tensor_file(weights)
+    tensors = _load_tensor_file(_verified_weights(folder, block))
     if method.native_peft:
         from peft.utils import set_peft_model_state_dict
 
@@ -379,6 +449,8 @@ def load_adapter(
     method = get_plugin_manager().get_method(config.method)
     if method.native_peft:
         from peft import PeftConfig
+
+        _verified_weights(folder, block)  # PEFT would fall back to a pickle .bin
 
         peft_config = PeftConfig.from_peft_type(**{k: v for k, v in meta.items() if k != "secura"})
         model = PeftModel.from_pretrained(

@@ -452,7 +452,12 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         last = i == len(parts) - 1
         key: Any = int(part) if part.isdigit() and isinstance(node, list) else part
         if last:
-            node[key] = value
+            if isinstance(node, list) and isinstance(key, int) and key == len(node):
+                node.append(value)  # tasks[2]=... adds a third task
+            elif isinstance(node, list) and not (isinstance(key, int) and key < len(node)):
+                raise SecuraConfigError(dotted, f"no such entry: the list has {len(node)} items")
+            else:
+                node[key] = value
             return
         if isinstance(node, dict) and key not in node:
             node[key] = {}
@@ -471,6 +476,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise SecuraConfigError("recipe", f"{path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
+    except yaml.constructor.ConstructorError as err:
+        raise SecuraConfigError(
+            "recipe",
+            f"{path} uses a YAML tag that builds Python objects ({err.problem}, line "
+            f"{err.problem_mark.line + 1 if err.problem_mark else '?'}); recipes are read with "
+            "yaml.safe_load, which never constructs objects: write plain values instead",
+        ) from None
     except yaml.YAMLError as err:
         raise SecuraConfigError("recipe", f"{path} is not valid YAML: {err}") from None
     data = copy.deepcopy(data) if data is not None else {}
@@ -505,6 +517,14 @@ def _load_model(spec: ModelSpec, output_dir: Path):
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise SecuraConfigError(
+                "model.load_in_4bit",
+                "4-bit loading needs bitsandbytes, which is not installed; "
+                "pip install 'bitsandbytes>=0.45', or set model.load_in_4bit: false",
+            ) from None
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -553,37 +573,162 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+#: Written into output_dir when a run starts: which recipe this folder's progress is of.
+RUN_RECORD = "secura_run.json"
+
+
+def recipe_identity(recipe: Recipe) -> dict[str, Any]:
+    """Everything in ``recipe`` that shapes the result (not where it is written)."""
+    data = dataclasses.asdict(recipe)
+    for key in ("output_dir", "source"):
+        data.pop(key, None)
+    return json.loads(json.dumps(data, sort_keys=True, default=str))
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(_flat(value, f"{prefix}[{i}]"))
+        return out
+    return {prefix: data}
+
+
+def _has_progress(out: Path) -> bool:
+    return (out / "results.json").exists() or any(out.glob("task-*"))
+
+
+def _claim_output_dir(out: Path, recipe: Recipe, resume: bool | None) -> bool:
+    """Check that ``out`` is fresh or holds progress of this same recipe; record the
+    recipe there. Returns whether to resume."""
+    import hashlib
+
+    identity = recipe_identity(recipe)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    record_path = out / RUN_RECORD
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+        except json.JSONDecodeError:
+            record = {}
+        if record.get("recipe_sha256") != digest and _has_progress(out):
+            old, new = _flat(record.get("recipe", {})), _flat(identity)
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            detail = ", ".join(
+                f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3]
+            ) or "unreadable record"
+            raise SecuraConfigError(
+                "run.output_dir",
+                f"{out} holds a run of a different recipe ({detail}); rerun the recipe it "
+                "was started with to resume it, or choose another output_dir to start over",
+            )
+        if record.get("recipe_sha256") == digest:
+            if resume is False and _has_progress(out):
+                raise SecuraConfigError(
+                    "run.output_dir",
+                    f"{out} already holds this recipe's run and resume=False; pass "
+                    "resume=None to continue it, or choose another output_dir",
+                )
+            logger.info("resuming the run in %s", out)
+            return True
+    if _has_progress(out) and not resume:
+        raise SecuraConfigError(
+            "run.output_dir",
+            f"{out} holds outputs of a run without a {RUN_RECORD} record; pass --resume to "
+            "continue it with this recipe, or choose another output_dir",
+        )
+    _write_json(
+        record_path, {"format": 1, "recipe_sha256": digest, "recipe": identity}
+    )
+    return bool(resume)
+
+
+def _writable_output_dir(path: Path) -> Path:
+    import os
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SecuraConfigError(
+            "run.output_dir",
+            f"cannot create {path} ({err.strerror}); choose a folder you can write to",
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SecuraConfigError(
+            "run.output_dir", f"{path} is not writable; choose a folder you can write to"
+        )
+    return path
+
+
+def _clean_task_dir(task_dir: Path, complete: str | None) -> None:
+    """Delete checkpoint folders after ``complete`` (half-written ones, or ones the
+    resumed run writes again) and scratch folders left by a killed save."""
+    import re
+    import shutil
+
+    keep = int(complete.rsplit("-", 1)[1]) if complete else -1
+    for path in task_dir.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        stale = (match is not None and int(match.group(1)) > keep) or (
+            path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name)
+        )
+        if stale and path.is_dir():
+            logger.warning("removing %s (after the checkpoint resumed from)", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def run_recipe(
     recipe: Recipe,
     *,
-    resume: bool = False,
+    resume: bool | None = None,
     progress: bool = True,
     output_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the recipe's tasks in order and return (and write) ``results.json``'s content.
 
-    With ``resume``, finished tasks (their ``metrics.json`` exists) are skipped, their
-    adapter, EWC and replay state reloaded, and an interrupted task resumes from its
-    last Trainer checkpoint.
+    Rerunning the same recipe into the same ``output_dir`` resumes it: the folder
+    records which recipe it holds (``secura_run.json``); finished tasks (their
+    ``metrics.json``, written last, exists) are skipped and their adapter, EWC and
+    replay state reloaded; an interrupted task resumes from its last *complete* Trainer
+    checkpoint (adapter with ``U_acc`` and merge count, optimizer, scheduler, RNG
+    states, EWC Fisher and anchors, replay buffer); half-written checkpoints are
+    deleted. The result equals an uninterrupted run's. A different recipe in the same
+    folder is refused. ``resume=None`` (default) does this; ``True`` also continues a
+    folder without a record (older versions); ``False`` refuses any existing run.
     """
     import torch
     from tqdm.auto import tqdm
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .continual.metrics import AccuracyMatrix
     from .continual.plugin import continual_registry
     from .continual.probe import RetentionProbe
     from .continual.replay import ReplayBuffer, replay_count
-    from .integrations.trl import SecuraCallback, SecuraSFTTrainer
+    from .faults import kill_point
+    from .integrations.trl import SecuraCallback, SecuraSFTTrainer, last_complete_checkpoint
     from .io import load_adapter_weights, save_adapter
     from .model import apply_adapter
 
-    out = Path(output_dir or recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _writable_output_dir(Path(output_dir or recipe.output_dir))
     set_seed(recipe.seed)
-    base, tokenizer = _load_model(recipe.model, out)
+    for i, task in enumerate(recipe.tasks):
+        if task.data.path is not None and not Path(task.data.path).read_text().strip():
+            raise SecuraConfigError(
+                f"tasks[{i}].data.path",
+                f"{task.data.path} is empty; give the task at least one training example",
+            )
     datasets = [task.data.load() for task in recipe.tasks]
+    for i, ds in enumerate(datasets):
+        if len(ds) == 0:
+            raise SecuraConfigError(
+                f"tasks[{i}].data", "has no rows; give the task at least one training example"
+            )
+    base, tokenizer = _load_model(recipe.model, out)
     data: dict[str, Any] = {}
     probe_pairs = recipe.probe.data.pairs() if recipe.probe else None
     if recipe.adapter.method == "sclora":
@@ -598,7 +743,10 @@ def run_recipe(
             "positive": _calibration_batches(datasets[0], tokenizer),
             "negative": _calibration_batches(negative, tokenizer),
         }
-    model = apply_adapter(base, recipe.adapter, **data)
+    try:
+        model = apply_adapter(base, recipe.adapter, **data)
+    except SecuraConfigError as err:
+        raise _reprefix(err, "adapter") from None
 
     registry = continual_registry()
     ewc = None
@@ -618,6 +766,7 @@ def run_recipe(
     names = [t.name for t in recipe.tasks]
     matrix = AccuracyMatrix(len(names), names)
     results: dict[str, Any] = {"tasks": [], "output_dir": str(out)}
+    resume = _claim_output_dir(out, recipe, resume)  # everything above validated the recipe
     base_probe = probe.evaluate(model) if probe else None
     results["probe_before"] = base_probe
 
@@ -661,13 +810,24 @@ def run_recipe(
             if buffer is not None and len(buffer)
             else 0
         )
-        checkpoint = get_last_checkpoint(str(task_dir)) if resume and task_dir.is_dir() else None
+        checkpoint = None
+        if resume and task_dir.is_dir():
+            # Not the checkpoint at max_steps itself: transformers would train one step
+            # too many from it (see last_complete_checkpoint); the one before reproduces
+            # the uninterrupted run (or, with none, the task restarts from its start).
+            checkpoint = last_complete_checkpoint(
+                task_dir, before_step=args.max_steps if args.max_steps > 0 else None
+            )
+            _clean_task_dir(task_dir, checkpoint)  # later ones are written again
+            if checkpoint:
+                logger.info("task %s resumes from %s", task.name, checkpoint)
         trainer.train(resume_from_checkpoint=checkpoint)
         save_adapter(model, task_dir / "adapter")
         if ewc is not None:
             ewc.save(task_dir / "ewc.safetensors")
         if buffer is not None:
             buffer.save(task_dir / "replay.jsonl")
+        kill_point("task-metrics")  # test-only crash point (see secura_plugins.faults)
         row: list[float | None] = [None] * len(names)
         for j in range(i + 1):
             if evals[j] is not None:

@@ -69,6 +69,26 @@ def default_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     return model(**inputs).loss
 
 
+def _average_over_ranks(tensors: dict[str, torch.Tensor]) -> None:
+    """In place: the mean of each tensor over the ranks of the default process group
+    (no-op outside ``torch.distributed``). One flat all-reduce for all tensors."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    names = sorted(tensors)  # the same order on every rank
+    flat = torch.cat([tensors[n].reshape(-1) for n in names])
+    if dist.get_backend() == "nccl" and not flat.is_cuda:
+        flat = flat.cuda()
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = flat.to(tensors[names[0]].device) / dist.get_world_size()
+    offset = 0
+    for n in names:
+        size = tensors[n].numel()
+        tensors[n] = flat[offset : offset + size].view_as(tensors[n]).clone()
+        offset += size
+
+
 class EWC:
     """Online diagonal-Fisher EWC state: Fisher sums and anchors, by parameter name.
 
@@ -108,12 +128,21 @@ class EWC:
         *,
         max_batches: int | None = None,
         progress: bool = False,
+        all_reduce: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Diagonal empirical Fisher: mean over batches of ``grad(loss) ** 2`` (fp32).
 
         At most ``max_batches`` (default: ``fisher_max_batches``) batches are used. The
         model's existing ``.grad`` values and its train/eval mode are restored
         afterwards, so this can run in the middle of a training loop.
+
+        Under ``torch.distributed`` (DDP, FSDP, DeepSpeed launched by torchrun or
+        accelerate), each rank estimates the Fisher on its own batches and, with
+        ``all_reduce``, the ranks' Fishers are averaged (``all_reduce`` + divide by the
+        world size), so every rank ends with the same Fisher over all ranks' data and
+        the same penalty. Pass the *unwrapped* model: a backward through the DDP wrapper
+        would average gradients before they are squared (the square of the mean is not
+        the mean of the squares).
         """
         limit = self.fisher_max_batches if max_batches is None else max_batches
         params = trainable_parameters(model)
@@ -150,7 +179,16 @@ class EWC:
             model.train(was_training)
         if count == 0:
             raise ValueError("batches: is empty, so the Fisher cannot be estimated")
-        return {n: f / count for n, f in fisher.items()}
+        fisher = {n: f / count for n, f in fisher.items()}
+        if all_reduce:
+            _average_over_ranks(fisher)
+        for n, f in fisher.items():
+            if not torch.isfinite(f).all():
+                raise ValueError(
+                    f"fisher: {n} holds NaN/inf (the loss or its gradient diverged); lower "
+                    "the learning rate"
+                )
+        return fisher
 
     def consolidate(
         self,

@@ -26,11 +26,21 @@ What the callback does, and when (``Trainer`` events):
 * ``on_pre_optimizer_step``: the EWC gradient ``lambda F (theta - theta*)`` is added to
   ``.grad`` (a callback cannot change the loss). This runs after gradient clipping,
   so the penalty's gradient is not clipped.
-* ``on_save``: writes ``secura_callback.json`` (probe baseline, settings),
-  ``secura_ewc.safetensors`` (Fisher and anchors) and ``secura_replay.jsonl`` (if a
-  replay buffer is attached) into every checkpoint; the adapter itself (SECURA's
+* ``on_step_end`` also checks the loss and every trainable adapter tensor (and
+  ``U_acc``) for NaN/inf, one host sync per step; a non-finite value raises
+  :class:`~secura_plugins.errors.TrainingDivergedError` naming the step, before the
+  Trainer saves anything of that step.
+* ``on_save``: writes ``secura_ewc.safetensors`` (Fisher and anchors) and
+  ``secura_replay.jsonl`` (if a replay buffer is attached) into every checkpoint, then
+  ``secura_callback.json`` (probe baseline, settings, and the size of every file of the
+  checkpoint) *last*: it is the completion marker. ``Trainer`` writes a checkpoint
+  folder file by file (model, optimizer, scheduler, RNG state, trainer state) and calls
+  ``on_save`` only after all of them, so a checkpoint with a valid marker is complete;
+  :func:`last_complete_checkpoint` skips any other. The adapter itself (SECURA's
   ``U_acc`` and merge count included) is written by ``Trainer`` through the model's
-  ``save_pretrained``. ``trainer.train(resume_from_checkpoint=...)`` reads them back.
+  ``save_pretrained``. ``trainer.train(resume_from_checkpoint=...)`` reads them back
+  (``True`` picks the last complete checkpoint). Under DDP only the main process
+  writes, after a barrier, so every rank's RNG file is in place before the marker.
 * ``on_train_end``: folds this task's Fisher into the EWC state and re-anchors it
   (``consolidate``), so the same callback (or EWC object) protects the task in the
   next run.
@@ -106,7 +116,8 @@ from ..config import AdapterConfig
 from ..continual.ewc import EWC
 from ..continual.probe import RetentionProbe
 from ..continual.replay import ReplayBuffer
-from ..errors import SecuraConfigError, SecuraError
+from ..errors import SecuraConfigError, SecuraError, TrainingDivergedError
+from ..faults import kill_point
 from ..manager import get_plugin_manager
 from ..model import apply_adapter, convert_peft_model, is_adapted
 
@@ -122,6 +133,8 @@ __all__ = [
     "SecuraSFTTrainer",
     "consolidate_ewc",
     "find_secura_callback",
+    "last_complete_checkpoint",
+    "sharding_problem",
 ]
 
 CALLBACK_STATE_NAME = "secura_callback.json"
@@ -132,6 +145,133 @@ DEFAULT_FISHER_BATCHES = 32
 
 
 # --------------------------------------------------------------------------- helpers
+def _checkpoint_files(folder: Path) -> dict[str, int]:
+    """Relative path -> size of every file under ``folder`` except the marker."""
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CALLBACK_STATE_NAME and not p.name.endswith(".tmp")
+    }
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` is not a complete checkpoint of a ``SecuraCallback`` run, or None.
+
+    Complete means: ``secura_callback.json`` (written last) parses, and every file it
+    lists is present with the size it had when the checkpoint was finished.
+    """
+    folder = Path(folder)
+    marker = folder / CALLBACK_STATE_NAME
+    if not marker.is_file():
+        return f"no {CALLBACK_STATE_NAME} (the save was interrupted)"
+    try:
+        state = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{CALLBACK_STATE_NAME} is not valid JSON"
+    files = state.get("files")
+    if not isinstance(files, dict):
+        return f"{CALLBACK_STATE_NAME} lists no files (written by an older version)"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
+    return None
+
+
+def last_complete_checkpoint(
+    folder: str | os.PathLike, *, before_step: int | None = None
+) -> str | None:
+    """The ``checkpoint-<step>`` folder of highest step under ``folder`` that is complete
+    (see :func:`checkpoint_problem`), or None. Incomplete ones are skipped with a warning.
+
+    ``before_step`` skips checkpoints at or after that step. Pass ``max_steps`` when
+    training stops mid-epoch: transformers (5.16 to at least 5.23) resumed from a
+    checkpoint *at* ``max_steps`` of a partial epoch runs one extra optimizer step, so
+    the earlier checkpoint is the one that reproduces the uninterrupted run.
+
+    Example:
+        >>> import tempfile
+        >>> last_complete_checkpoint(tempfile.mkdtemp()) is None
+        True
+    """
+    import re
+
+    root = Path(folder)
+    if not root.is_dir():
+        return None
+    found = []
+    for path in root.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    for step, path in sorted(found, reverse=True):
+        if before_step is not None and step >= before_step:
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        logger.warning("skipping incomplete checkpoint %s: %s", path, problem)
+    return None
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with contextlib.suppress(OSError), open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def sharding_problem(
+    *, fsdp: bool, zero_stage: int | None, merge: str | None, ewc: bool
+) -> str | None:
+    """Why this combination of parameter sharding and features is refused, or None.
+
+    SECURA's merges read whole ``A``/``B`` on each rank and EWC anchors whole tensors;
+    FSDP and DeepSpeed ZeRO-3 shard parameters, and the library does not gather them
+    yet (docs/scale-out.md).
+
+    Example:
+        >>> sharding_problem(fsdp=False, zero_stage=2, merge="m1", ewc=True) is None
+        True
+        >>> sharding_problem(fsdp=True, zero_stage=None, merge="none", ewc=False) is None
+        True
+        >>> print(sharding_problem(fsdp=True, zero_stage=None, merge="m1", ewc=False))
+        FSDP shards SECURA's A and B, and merge 'm1' needs them whole on every rank (not supported yet); set merge: none, or train with DDP or DeepSpeed ZeRO-1/2 (docs/scale-out.md)
+    """
+    name = "FSDP" if fsdp else "DeepSpeed ZeRO-3" if zero_stage == 3 else None
+    if name is None:
+        return None
+    fix = "train with DDP or DeepSpeed ZeRO-1/2 (docs/scale-out.md)"
+    if merge not in (None, "none"):
+        return (
+            f"{name} shards SECURA's A and B, and merge {merge!r} needs them whole on every "
+            f"rank (not supported yet); set merge: none, or {fix}"
+        )
+    if ewc:
+        return (
+            f"{name} shards the parameters EWC anchors and its gradients are not the "
+            f"per-example ones the Fisher needs (not supported yet); drop continual.ewc, or {fix}"
+        )
+    return None
+
+
+def _trainer_sharding(trainer: Trainer | None) -> tuple[bool, int | None]:
+    if trainer is None:
+        return False, None
+    fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
+    stage = None
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
+        stage = getattr(plugin, "zero_stage", None)
+    return fsdp, stage
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _find_trainer(max_depth: int = 16) -> Trainer | None:
     """The ``Trainer`` whose method is on the call stack (``Trainer.__init__`` calling
     ``on_init_end``), or None."""
@@ -293,7 +433,8 @@ class SecuraCallback(TrainerCallback):
 
         def train(resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
             self._resume_dir = self._resolve_resume(trainer, resume_from_checkpoint)
-            return original_train(resume_from_checkpoint, *args, **kwargs)
+            # True would let Trainer pick the newest folder, complete or not.
+            return original_train(self._resume_dir, *args, **kwargs)
 
         train.__doc__ = original_train.__doc__
         trainer.train = train  # instance attribute: records where a resume reads from
@@ -304,9 +445,16 @@ class SecuraCallback(TrainerCallback):
         if resume is None or resume is False:
             return None
         if resume is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            return get_last_checkpoint(trainer.args.output_dir)
+            max_steps = trainer.args.max_steps
+            found = last_complete_checkpoint(
+                trainer.args.output_dir, before_step=max_steps if max_steps > 0 else None
+            )
+            if found is None:
+                raise SecuraError(
+                    f"resume_from_checkpoint=True but {trainer.args.output_dir} holds no "
+                    "complete checkpoint; train without resuming"
+                )
+            return found
         return str(resume)
 
     # ------------------------------------------------------------------ model
@@ -412,6 +560,15 @@ class SecuraCallback(TrainerCallback):
     ) -> TrainerControl:
         if model is not None:
             self.model = _unwrap(model)
+        fsdp, stage = _trainer_sharding(self.trainer)
+        problem = sharding_problem(
+            fsdp=fsdp,
+            zero_stage=stage,
+            merge=self.config.merge if self.config and self.config.method == "secura" else None,
+            ewc=self.ewc is not None,
+        )
+        if problem is not None:
+            raise SecuraConfigError("parallelism", problem)
         if self._resume_dir is not None and state.global_step > 0:
             self._load_state(Path(self._resume_dir))
         if self.probe is not None and self.probe_baseline is None and state.global_step == 0:
@@ -432,6 +589,13 @@ class SecuraCallback(TrainerCallback):
         results = get_plugin_manager().hook.secura_step_end(
             model=self.model, step=state.global_step
         )
+        self._check_finite(state.global_step)
+        if control.should_save and args.should_save:
+            # Trainer is about to write into checkpoint-<step>; if that folder exists
+            # (a resumed run redoing steps), it is not complete until on_save says so.
+            marker = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            with contextlib.suppress(FileNotFoundError):
+                (marker / CALLBACK_STATE_NAME).unlink()
         for metrics in results:
             if metrics:
                 self._pending.update({k: float(v) for k, v in metrics.items()})
@@ -442,6 +606,35 @@ class SecuraCallback(TrainerCallback):
         ):
             control.should_log = True  # the probe rides on a training log at this step
         return control
+
+    def _check_finite(self, step: int) -> None:
+        """Raise ``TrainingDivergedError`` if the loss or an adapter tensor is NaN/inf.
+
+        One host sync per step over the trainable tensors and ``U_acc`` (small). Runs
+        in ``on_step_end``, before the Trainer saves anything of this step.
+        """
+        from ..methods.secura import secura_cores
+
+        loss_ok = getattr(self.trainer, "_secura_loss_ok", None)
+        if self.trainer is not None:
+            self.trainer._secura_loss_ok = None  # type: ignore[attr-defined]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named += [(f"u_acc #{i}", c.u_acc) for i, c in enumerate(secura_cores(self.model))]
+        flags = [torch.isfinite(t.detach()).all().reshape(1).cpu() for _, t in named]
+        if loss_ok is not None:
+            flags.append(loss_ok.reshape(1).cpu())
+        if not flags or bool(torch.cat(flags).all()):
+            return
+        if loss_ok is not None and not bool(loss_ok):
+            what = "the training loss"
+        else:
+            what = next(f"adapter tensor {n}" for (n, _), ok in zip(named, flags) if not ok)
+        raise TrainingDivergedError(
+            f"step {step}: training diverged ({what} is NaN or inf). Stopped before anything "
+            "of this step was saved: the checkpoints and adapters already on disk are intact. "
+            "Lower the learning rate, enable gradient clipping (max_grad_norm), or check this "
+            "step's data, then rerun"
+        )
 
     def record_penalty(self, value: float) -> None:
         """Record an EWC penalty value for the next training log (used by the mixin)."""
@@ -501,8 +694,10 @@ class SecuraCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            self.save_state(folder)
+        if _distributed():
+            torch.distributed.barrier()  # every rank's files (RNG states) are written
+        if args.should_save and folder.is_dir():
+            self.save_state(folder, manifest=True)
         return control
 
     def on_train_end(
@@ -523,8 +718,13 @@ class SecuraCallback(TrainerCallback):
         return control
 
     # ------------------------------------------------------------------ state
-    def save_state(self, folder: str | os.PathLike) -> None:
-        """Write the callback's state (JSON, EWC, replay) into ``folder``."""
+    def save_state(self, folder: str | os.PathLike, *, manifest: bool = False) -> None:
+        """Write the callback's state (EWC, replay, then the JSON marker) into ``folder``.
+
+        The JSON is written last. With ``manifest`` (Trainer checkpoints, from
+        ``on_save``) the files of ``folder`` are fsynced and the JSON lists each with its
+        size, which marks the checkpoint complete (see :func:`checkpoint_problem`).
+        """
         folder = Path(folder)
         state = {
             "format": 1,
@@ -537,6 +737,10 @@ class SecuraCallback(TrainerCallback):
             self.ewc.save(folder / EWC_STATE_NAME)
         if self.replay is not None:
             self.replay.save(folder / REPLAY_STATE_NAME)
+        if manifest:
+            kill_point("checkpoint-marker")  # test-only crash point (secura_plugins.faults)
+            _fsync_files(folder)
+            state["files"] = _checkpoint_files(folder)
         tmp = folder / (CALLBACK_STATE_NAME + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, folder / CALLBACK_STATE_NAME)
@@ -548,6 +752,12 @@ class SecuraCallback(TrainerCallback):
                 "%s has no %s; resuming without SECURA callback state", folder, path.name
             )
             return
+        problem = checkpoint_problem(folder)
+        if problem is not None and "older version" not in problem:
+            raise SecuraError(
+                f"{folder} is an incomplete checkpoint ({problem}); resume from an earlier "
+                "one, or pass resume_from_checkpoint=True to pick the last complete one"
+            )
         state = json.loads(path.read_text())
         self.probe_baseline = state.get("probe_baseline")
         if state.get("ewc"):
@@ -640,6 +850,10 @@ class ContinualTrainerMixin:
         loss, outputs = super().compute_loss(  # type: ignore[misc]
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
+        if model.training:  # SecuraCallback halts the run on a NaN/inf loss
+            ok = torch.isfinite(loss.detach()).all()
+            prev = getattr(self, "_secura_loss_ok", None)
+            self._secura_loss_ok = ok if prev is None else prev & ok
         ewc = self.secura_ewc
         if ewc is not None and not ewc.is_empty and model.training:
             penalty = ewc.penalty(self.model)  # type: ignore[attr-defined]
