@@ -86,9 +86,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def llama_config(shape: Shape):
-    from transformers import LlamaConfig
+    """The library's Llama config builder (row norms like a real LLM's) at ``shape``."""
+    from secura_plugins.tiny import tiny_config
 
-    return LlamaConfig(
+    return tiny_config(
+        "llama",
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
         intermediate_size=shape.mlp,
@@ -96,8 +98,6 @@ def llama_config(shape: Shape):
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads,
         max_position_embeddings=8192,
-        initializer_range=shape.hidden**-0.5,
-        tie_word_embeddings=False,
     )
 
 

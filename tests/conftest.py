@@ -28,6 +28,17 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {kind: save_tiny_checkpoint(root / kind, kind, seed=7) for kind in KINDS}
 
 
+class OneLinear(torch.nn.Module):
+    """One ``nn.Linear`` named ``proj``: the smallest model an adapter can target."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
 def load_base(path: Path, quant: str) -> torch.nn.Module:
     """Load a saved checkpoint dense (fp32) or as bitsandbytes 4-bit NF4 (CPU backend)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

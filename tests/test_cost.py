@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import OneLinear
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,15 +26,6 @@ CONFIGS = {
     "sclora": dict(method="sclora"),
     "lora": dict(method="lora"),
 }
-
-
-class Wide(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(D_IN, D_OUT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -54,7 +46,7 @@ class AllocationRecorder(TorchDispatchMode):
 
 def _adapted(name: str) -> nn.Module:
     torch.manual_seed(0)
-    base = Wide()
+    base = OneLinear(D_IN, D_OUT)
     if name == "sclora":
         return _sclora(base)
     model = apply_adapter(base, AdapterConfig(r=R, target_modules=["proj"], **CONFIGS[name]))

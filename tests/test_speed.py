@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from conftest import OneLinear
 from torch.nn import functional as F
 
 from secura_plugins import AdapterConfig, apply_adapter
@@ -49,22 +49,14 @@ class ReferenceVariant(CURVariant):
         return (h0 + (h0 + dh)) / gate
 
 
-class Wide(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(D_IN, D_OUT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 def _pair(**config):
     """The same adapted layer twice: optimised and reference, identical non-zero tensors."""
     models = []
     for _ in range(2):
         torch.manual_seed(0)
         model = apply_adapter(
-            Wide(), AdapterConfig(method="secura", r=R, target_modules=["proj"], **config)
+            OneLinear(D_IN, D_OUT),
+            AdapterConfig(method="secura", r=R, target_modules=["proj"], **config),
         )
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -157,7 +149,9 @@ def test_the_gate_keeps_only_a_float16_tensor_for_backward():
         "reference": dict(method="secura"),
     }.items():
         torch.manual_seed(0)
-        model = apply_adapter(Wide(), AdapterConfig(r=R, target_modules=["proj"], **config))
+        model = apply_adapter(
+            OneLinear(D_IN, D_OUT), AdapterConfig(r=R, target_modules=["proj"], **config)
+        )
         if name == "reference":
             model.get_base_model().proj.lora_variant["default"] = ReferenceVariant
         sizes[name] = _saved_bytes(model, x)
