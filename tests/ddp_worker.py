@@ -25,7 +25,7 @@ def main(out: Path) -> None:
     import torch.distributed as dist
     from datasets import Dataset
     from safetensors.torch import save_file
-    from trl import SFTConfig
+    from trl_helpers import sft_config
 
     from secura_plugins import AdapterConfig
     from secura_plugins.continual import EWC, ReplayBuffer
@@ -44,20 +44,12 @@ def main(out: Path) -> None:
     mixed_hashes = []
     trainer = None
     for t, name in enumerate(["add", "upper"]):
-        args = SFTConfig(
-            output_dir=str(out / f"task{t}"),
+        args = sft_config(
+            out / f"task{t}",
             max_steps=STEPS,
             per_device_train_batch_size=4,
             learning_rate=1.0e-2,
-            lr_scheduler_type="constant",
             logging_steps=2,
-            save_strategy="no",
-            report_to="none",
-            seed=0,
-            max_length=32,
-            use_cpu=True,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
             ddp_backend="gloo",
         )
         callback = SecuraCallback(config if t == 0 else None, ewc=ewc, replay=buffer)
