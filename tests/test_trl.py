@@ -485,3 +485,36 @@ def test_callback_applies_adapter_with_gradient_checkpointing(tmp_path, tok):
     end = adapter_snapshot(trainer.model)
     for suffix in (".A", ".B"):
         assert any(not torch.equal(start[k], end[k]) for k in start if k.endswith(suffix)), suffix
+
+
+class PoisonUAcc(TrainerCallback):
+    """Puts a NaN into the first SECURA core's ``U_acc`` right after step ``at``'s
+    optimizer step (before any callback's ``on_step_end``): that step's loss is finite."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        from secura_plugins.methods.secura import secura_cores
+
+        if state.global_step + 1 == self.at:
+            next(iter(secura_cores(model))).u_acc[0, 0] = float("nan")
+
+
+def test_nan_in_an_adapter_buffer_halts_with_step_and_tensor(tmp_path, tok):
+    from secura_plugins.errors import TrainingDivergedError
+
+    base = build_tiny_model("llama", vocab_size=len(tok), seed=3)
+    cb = SecuraCallback(AdapterConfig(**SECURA))
+    trainer = SFTTrainer(
+        base,
+        args=sft_config(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=1),
+        train_dataset=text_dataset(64),
+        processing_class=tok,
+        callbacks=[PoisonUAcc(at=2), cb],
+    )
+    with pytest.raises(TrainingDivergedError, match=r"^step 2: .*adapter tensor u_acc #0 is NaN"):
+        trainer.train()
+    # the loss of step 2 was finite: only the tensor check can have stopped it, and
+    # nothing of step 2 reached disk
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]

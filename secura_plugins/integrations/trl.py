@@ -154,11 +154,13 @@ def _checkpoint_files(folder: Path) -> dict[str, int]:
     }
 
 
-def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+def checkpoint_problem(folder: str | os.PathLike, *, require_manifest: bool = True) -> str | None:
     """Why ``folder`` is not a complete checkpoint of a ``SecuraCallback`` run, or None.
 
     Complete means: ``secura_callback.json`` (written last) parses, and every file it
-    lists is present with the size it had when the checkpoint was finished.
+    lists is present with the size it had when the checkpoint was finished. With
+    ``require_manifest=False`` a marker that lists no files (an older version's, or a
+    state folder saved outside a Trainer checkpoint) is accepted as it is.
     """
     folder = Path(folder)
     marker = folder / CALLBACK_STATE_NAME
@@ -170,6 +172,8 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         return f"{CALLBACK_STATE_NAME} is not valid JSON"
     files = state.get("files")
     if not isinstance(files, dict):
+        if not require_manifest:
+            return None
         return f"{CALLBACK_STATE_NAME} lists no files (written by an older version)"
     for name, size in files.items():
         path = folder / name
@@ -620,15 +624,22 @@ class SecuraCallback(TrainerCallback):
             self.trainer._secura_loss_ok = None  # type: ignore[attr-defined]
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         named += [(f"u_acc #{i}", c.u_acc) for i, c in enumerate(secura_cores(self.model))]
-        flags = [torch.isfinite(t.detach()).all().reshape(1).cpu() for _, t in named]
+        flags = [torch.isfinite(t.detach()).all() for _, t in named]
         if loss_ok is not None:
-            flags.append(loss_ok.reshape(1).cpu())
-        if not flags or bool(torch.cat(flags).all()):
+            flags.append(loss_ok.reshape(()))
+        if not flags:
+            return
+        # The flags stay on the device: reading their .all() is the step's one host sync.
+        device = flags[0].device
+        ok = torch.stack([f.to(device) for f in flags])
+        if bool(ok.all()):
             return
         if loss_ok is not None and not bool(loss_ok):
             what = "the training loss"
         else:
-            what = next(f"adapter tensor {n}" for (n, _), ok in zip(named, flags) if not ok)
+            what = next(
+                f"adapter tensor {n}" for (n, _), good in zip(named, ok.tolist()) if not good
+            )
         raise TrainingDivergedError(
             f"step {step}: training diverged ({what} is NaN or inf). Stopped before anything "
             "of this step was saved: the checkpoints and adapters already on disk are intact. "
@@ -752,8 +763,8 @@ class SecuraCallback(TrainerCallback):
                 "%s has no %s; resuming without SECURA callback state", folder, path.name
             )
             return
-        problem = checkpoint_problem(folder)
-        if problem is not None and "older version" not in problem:
+        problem = checkpoint_problem(folder, require_manifest=False)
+        if problem is not None:
             raise SecuraError(
                 f"{folder} is an incomplete checkpoint ({problem}); resume from an earlier "
                 "one, or pass resume_from_checkpoint=True to pick the last complete one"
