@@ -619,9 +619,10 @@ def _claim_output_dir(out: Path, recipe: Recipe, resume: bool | None) -> bool:
         if record.get("recipe_sha256") != digest and _has_progress(out):
             old, new = _flat(record.get("recipe", {})), _flat(identity)
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            detail = ", ".join(
-                f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3]
-            ) or "unreadable record"
+            detail = (
+                ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+                or "unreadable record"
+            )
             raise SecuraConfigError(
                 "run.output_dir",
                 f"{out} holds a run of a different recipe ({detail}); rerun the recipe it "
@@ -642,9 +643,7 @@ def _claim_output_dir(out: Path, recipe: Recipe, resume: bool | None) -> bool:
             f"{out} holds outputs of a run without a {RUN_RECORD} record; pass --resume to "
             "continue it with this recipe, or choose another output_dir",
         )
-    _write_json(
-        record_path, {"format": 1, "recipe_sha256": digest, "recipe": identity}
-    )
+    _write_json(record_path, {"format": 1, "recipe_sha256": digest, "recipe": identity})
     return bool(resume)
 
 
@@ -668,18 +667,20 @@ def _writable_output_dir(path: Path) -> Path:
 def _clean_task_dir(task_dir: Path, complete: str | None) -> None:
     """Delete checkpoint folders after ``complete`` (half-written ones, or ones the
     resumed run writes again) and scratch folders left by a killed save."""
-    import re
     import shutil
 
+    from .integrations.trl import checkpoint_folders
+
     keep = int(complete.rsplit("-", 1)[1]) if complete else -1
-    for path in task_dir.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        stale = (match is not None and int(match.group(1)) > keep) or (
-            path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name)
-        )
-        if stale and path.is_dir():
-            logger.warning("removing %s (after the checkpoint resumed from)", path)
-            shutil.rmtree(path, ignore_errors=True)
+    stale = [path for step, path in checkpoint_folders(task_dir) if step > keep]
+    stale += [
+        path
+        for path in task_dir.glob(".*")
+        if path.is_dir() and (".tmp-" in path.name or ".old-" in path.name)
+    ]
+    for path in stale:
+        logger.warning("removing %s (after the checkpoint resumed from)", path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_recipe(

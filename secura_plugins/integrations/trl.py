@@ -184,6 +184,21 @@ def checkpoint_problem(folder: str | os.PathLike, *, require_manifest: bool = Tr
     return None
 
 
+def checkpoint_folders(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-<step>`` folder under ``folder``, by step."""
+    import re
+
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def last_complete_checkpoint(
     folder: str | os.PathLike, *, before_step: int | None = None
 ) -> str | None:
@@ -200,17 +215,7 @@ def last_complete_checkpoint(
         >>> last_complete_checkpoint(tempfile.mkdtemp()) is None
         True
     """
-    import re
-
-    root = Path(folder)
-    if not root.is_dir():
-        return None
-    found = []
-    for path in root.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    for step, path in sorted(found, reverse=True):
+    for step, path in reversed(checkpoint_folders(folder)):
         if before_step is not None and step >= before_step:
             continue
         problem = checkpoint_problem(path)
