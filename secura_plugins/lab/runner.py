@@ -176,7 +176,7 @@ def run_sequence(
 
     from ..config import AdapterConfig
     from ..continual.ewc import EWC
-    from ..continual.metrics import AccuracyMatrix
+    from ..continual.metrics import AccuracyMatrix, retention
     from ..continual.probe import RetentionProbe
     from ..continual.replay import ReplayBuffer
     from ..integrations.trl import SecuraCallback, SecuraSFTTrainer
@@ -272,7 +272,7 @@ def run_sequence(
                 matrix.record(i, j, evals[j].evaluate(model)["accuracy"])
             score = probe.evaluate(model)["accuracy"]
             record["probe"].append(score)
-            record["retention"].append(score / base_probe["accuracy"])
+            record["retention"].append(retention(base_probe["accuracy"], score))
             logger.info(
                 "%s seed %d lr %g after %s: acc %s retention %.3f",
                 method.name,
