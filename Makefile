@@ -1,32 +1,43 @@
 # secura-plugins: the two commands a newcomer needs.
-#   make demo   set up .venv (first time: ~5 min) and run the offline demo on a tiny model
+#   make demo   set up .venv (first time: ~5 min) and run the offline demo
 #   make test   set up both environments, run lint + the whole test suite (what CI runs):
 #               .venv            axolotl 0.19.0's pins (transformers 5.16, trl 1.9, peft 0.20)
 #               .venv-trl-latest the newest TRL (it needs a newer transformers than axolotl)
+# Both environments install from the locks in .ci/ (every package pinned, --no-deps), so a
+# fresh clone tests exactly what was tested here. `make lock` re-resolves them from the
+# ranges in pyproject.toml (then run make clean test and commit the two lock files).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LATEST := .venv-trl-latest
+LOCK_MAIN   := .ci/lock-main.txt
+LOCK_LATEST := .ci/lock-trl-latest.txt
 
-.PHONY: setup demo test test-main test-trl-latest lint bench-guard clean
+# $(call venv_from_lock,VENV,LOCK): a fresh venv holding exactly LOCK, plus this package.
+define venv_from_lock
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet --no-deps -r $(2)
+	$(1)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(1)/.installed
+endef
+
+.PHONY: setup demo test test-main test-trl-latest lint bench-guard lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml .ci/constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c .ci/constraints.txt -e ".[trl,axolotl,test]"
-	touch $(STAMP)
+$(STAMP): pyproject.toml $(LOCK_MAIN)
+	$(call venv_from_lock,$(VENV),$(LOCK_MAIN))
 
-$(LATEST)/.installed: pyproject.toml .ci/constraints.txt
-	$(PYTHON) -m venv $(LATEST)
-	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
-	$(LATEST)/bin/python -m pip install --quiet torch==2.13.0
-	$(LATEST)/bin/python -m pip install --quiet -c .ci/constraints.txt -e ".[trl,test]" "trl>=1.16"
-	touch $@
+$(LATEST)/.installed: pyproject.toml $(LOCK_LATEST)
+	$(call venv_from_lock,$(LATEST),$(LOCK_LATEST))
+
+lock:
+	bash .ci/lock.sh main
+	bash .ci/lock.sh trl-latest
 
 demo: setup
 	TQDM_DISABLE=1 $(VENV)/bin/secura demo
