@@ -163,16 +163,14 @@ def _load_base(path: str, *, four_bit: bool, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .quant import keep_4bit_layout, nf4_config
+
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if four_bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=getattr(torch, dtype),
-        )
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+        kwargs["quantization_config"] = nf4_config(dtype)  # the same as `secura train`
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    keep_4bit_layout(model)
+    return model
 
 
 def _eval(args: argparse.Namespace) -> int:
