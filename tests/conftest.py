@@ -84,7 +84,7 @@ def repack_for_cpu(model: torch.nn.Module) -> int:
 
 @pytest.fixture(scope="session")
 def loader(checkpoints: dict[str, Path]) -> Callable[[str, str], torch.nn.Module]:
-    return lambda kind, quant="fp32": load_base(checkpoints[kind], quant)
+    return lambda kind, quant="fp32", **kw: load_base(checkpoints[kind], quant, **kw)
 
 
 @pytest.fixture
