@@ -250,3 +250,31 @@ def test_demo_command_compares_lora_and_secura(capsys, tmp_path, tmp_path_factor
     assert [r.split("|")[1].strip() for r in rows] == ["lora", "secura"]
     assert "base retention after each task" in out
     assert (tmp_path / "retention.png").is_file()
+
+
+def test_train_and_eval_load_in_4bit_quantize_the_base_identically(tmp_path):
+    """`secura train` (a recipe with load_in_4bit) and `secura eval --load-in-4bit` score
+    the same NF4 weights: same bytes, scales and double-quantization statistics."""
+    from bitsandbytes.nn import Linear4bit
+
+    from secura_plugins.cli import _load_base
+    from secura_plugins.recipe import ModelSpec, _load_model
+
+    spec = ModelSpec.from_dict({"tiny": "llama", "load_in_4bit": True, "seed": 3})
+    trained, _ = _load_model(spec, tmp_path)
+    scored = _load_base(str(tmp_path / "base"), four_bit=True, dtype=spec.dtype)
+
+    def layers(model):
+        return {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+
+    a, b = layers(trained), layers(scored)
+    assert a and a.keys() == b.keys()
+    for name in a:
+        wa, wb = a[name].weight, b[name].weight
+        assert torch.equal(wa.data.view(torch.uint8), wb.data.view(torch.uint8)), name  # bytes
+        sa, sb = wa.quant_state.as_dict(packed=True), wb.quant_state.as_dict(packed=True)
+        assert sa.keys() == sb.keys(), name
+        for key, value in sa.items():
+            same = torch.equal(value, sb[key]) if torch.is_tensor(value) else value == sb[key]
+            assert same, f"{name}.{key}"
+        assert wa.quant_state.nested  # double quantization, as the recipes always had
