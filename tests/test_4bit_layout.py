@@ -168,3 +168,43 @@ def test_real_eval_forward_then_training_on_an_avx512_bf16_cpu(loader, ids):
     got, want = _grads(model, ids), _grads(reference, ids)
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=0.05, atol=1e-4), name
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_every_nf4_variant_is_read_and_unpacked_to_the_repacked_values(double_quant, storage):
+    """nf4_config's double quantization + bf16 storage, and the plain config, on a layer
+    wider than one quantization block (bitsandbytes' inverse leaves plain scales transposed)."""
+    from secura_plugins.quant import keep_4bit_layout
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 256, generator=gen) * 0.05
+    layer = Linear4bit(
+        256,
+        96,
+        bias=False,
+        compute_dtype=torch.float32,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+        quant_storage=storage,
+    )
+    layer.weight = type(layer.weight)(
+        weight,
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=double_quant,
+        quant_storage=storage,
+        module=layer,
+    )
+    layer = layer.to("cpu")  # quantizes
+    truth = dequantize_module_weight(layer).clone()
+    repack_for_cpu(layer)
+    read = dequantized_weight(layer)
+    assert is_cpu_packed(layer)
+    assert _rel(read, truth) < 5e-3  # only the bfloat16 rounding of the block scales
+    assert keep_4bit_layout(torch.nn.Sequential(layer)) == 1
+    assert not is_cpu_packed(layer) and layer.weight.dtype == storage
+    assert torch.equal(dequantize_module_weight(layer), read)  # unpacked = what was read
+    x = torch.randn(3, 256, generator=gen, requires_grad=True)
+    layer(x).sum().backward()  # the autograd path again
+    assert torch.allclose(x.grad, read.sum(0).expand(3, -1), atol=1e-4)
