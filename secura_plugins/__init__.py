@@ -13,25 +13,51 @@ Example:
     torch.Size([1, 8, 128])
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from .config import AdapterConfig  # noqa: E402
 from .errors import AdapterLoadError, ExportError, SecuraConfigError, SecuraError  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
-from .io import (  # noqa: E402
-    export_merged,
-    load_adapter,
-    merge_adapter_into_base,
-    save_adapter,
-)
-from .manager import get_plugin_manager  # noqa: E402
-from .model import (  # noqa: E402
-    adapter_stats,
-    apply_adapter,
-    convert_peft_model,
-    count_parameters,
-    is_adapted,
-)
+
+# The rest imports torch, PEFT and transformers: loaded on first use (PEP 562), so the
+# ``secura`` command can quiet their import-time notices before they print (cli.main).
+_LAZY = {
+    "export_merged": ".io",
+    "load_adapter": ".io",
+    "merge_adapter_into_base": ".io",
+    "save_adapter": ".io",
+    "get_plugin_manager": ".manager",
+    "adapter_stats": ".model",
+    "apply_adapter": ".model",
+    "convert_peft_model": ".model",
+    "count_parameters": ".model",
+    "is_adapted": ".model",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .io import export_merged, load_adapter, merge_adapter_into_base, save_adapter
+    from .manager import get_plugin_manager
+    from .model import (
+        adapter_stats,
+        apply_adapter,
+        convert_peft_model,
+        count_parameters,
+        is_adapted,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AdapterConfig",

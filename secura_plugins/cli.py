@@ -163,16 +163,14 @@ def _load_base(path: str, *, four_bit: bool, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .quant import keep_4bit_layout, nf4_config
+
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if four_bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=getattr(torch, dtype),
-        )
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+        kwargs["quantization_config"] = nf4_config(dtype)  # the same as `secura train`
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    keep_4bit_layout(model)
+    return model
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -252,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="secura", description="Forgetting-resistant fine-tuning: SECURA, EWC, replay."
     )
     parser.add_argument("--version", action="version", version=f"secura-plugins {__version__}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every third-party log line (import-time notices are hidden by default)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
@@ -260,10 +264,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: (logger, message start) of the import-time notices the ``secura`` command hides:
+#: torchao's optional CUDA/MX extension ``.so`` files that fail to load on a CPU-only
+#: torch (torchao is imported by ``transformers.quantizers.auto``), torch's pytree
+#: deprecation for torchao's ``register_constant`` on Enum classes, and bitsandbytes'
+#: optional ``kernels`` package on AVX512-BF16 CPUs. Nothing else on those loggers is
+#: hidden, and ``secura -v`` shows these too.
+IMPORT_NOISE: tuple[tuple[str, str], ...] = (
+    ("torchao", "Failed to load "),
+    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-"),
+)
+
+
+class _DropImportNoise:
+    """A ``logging`` filter dropping records whose format string starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_import_noise() -> None:
+    """Hide :data:`IMPORT_NOISE` (idempotent; set only by the ``secura`` entry point)."""
+    import logging
+
+    for name, prefix in IMPORT_NOISE:
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "prefix", None) == prefix for f in logger.filters):
+            logger.addFilter(_DropImportNoise(prefix))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``secura`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_import_noise()
     try:
         return args._run(args)
     except SecuraConfigError as err:

@@ -63,6 +63,7 @@ from .model import (
     adapter_layers,
     adapter_modules,
 )
+from .quant import keep_4bit_layout
 
 logger = logging.getLogger(__name__)
 
@@ -447,6 +448,7 @@ def load_adapter(
             "a plugin, install that plugin"
         ) from err
     method = get_plugin_manager().get_method(config.method)
+    keep_4bit_layout(base_model)  # plain PEFT adapters skip _build, which does it too
     if method.native_peft:
         from peft import PeftConfig
 

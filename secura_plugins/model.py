@@ -30,6 +30,7 @@ from .config import AdapterConfig
 from .errors import SecuraConfigError, SecuraError
 from .manager import get_plugin_manager
 from .methods.base import CORE_ATTR, AdapterMethod
+from .quant import keep_4bit_layout
 
 ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_magnitude_vector", CORE_ATTR)
 
@@ -136,6 +137,7 @@ def _build(
     init: bool,
     data: dict[str, Any] | None = None,
 ) -> PeftModel:
+    keep_4bit_layout(peft_model)  # before calibration forwards and base reads; see quant.py
     layers = adapter_layers(peft_model, adapter_name)
     if not layers:
         raise SecuraConfigError(
@@ -266,6 +268,7 @@ def convert_peft_model(
         raise SecuraError("convert_peft_model needs a PeftModel; use apply_adapter for a base")
     adapter_name = adapter_name or peft_model.active_adapter
     method = get_plugin_manager().get_method(config.method)
+    keep_4bit_layout(peft_model)
     if method.native_peft:
         if is_adapted(peft_model):
             return peft_model

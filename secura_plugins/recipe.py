@@ -525,17 +525,16 @@ def _load_model(spec: ModelSpec, output_dir: Path):
                 "4-bit loading needs bitsandbytes, which is not installed; "
                 "pip install 'bitsandbytes>=0.45', or set model.load_in_4bit: false",
             ) from None
-        from transformers import BitsAndBytesConfig
+        from .quant import nf4_config
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=getattr(torch, spec.dtype),
-        )
+        kwargs["quantization_config"] = nf4_config(spec.dtype)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if spec.load_in_4bit:
+        from .quant import keep_4bit_layout
+
+        keep_4bit_layout(model)
     tokenizer = AutoTokenizer.from_pretrained(
         spec.tokenizer or name, trust_remote_code=spec.trust_remote_code
     )

@@ -39,21 +39,52 @@ class OneLinear(torch.nn.Module):
         return self.proj(x)
 
 
-def load_base(path: Path, quant: str) -> torch.nn.Module:
-    """Load a saved checkpoint dense (fp32) or as bitsandbytes 4-bit NF4 (CPU backend)."""
+def load_base(path: Path, quant: str, *, keep_layout: bool = True) -> torch.nn.Module:
+    """Load a saved checkpoint dense (fp32) or as bitsandbytes 4-bit NF4 (CPU backend).
+
+    4-bit bases get ``keep_4bit_layout`` (as a user who evaluates the bare base should), so
+    the tests' reference forwards on the bare base never repack it on AVX512-BF16 CPUs;
+    ``keep_layout=False`` leaves bitsandbytes' default.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from secura_plugins.quant import keep_4bit_layout
 
     if quant == "4bit":
         qc = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
         )
-        return AutoModelForCausalLM.from_pretrained(str(path), quantization_config=qc).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=qc).eval()
+        if keep_layout:
+            keep_4bit_layout(model)
+        return model
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def repack_for_cpu(model: torch.nn.Module) -> int:
+    """Do to every ``Linear4bit`` what its no-grad eval forward does on an AVX512-BF16 CPU.
+
+    bitsandbytes' own ``_convert_weight_packed_for_cpu`` runs on any CPU (only the kernel
+    that reads the result needs the instruction set), so the packed layout can be tested
+    everywhere. Returns the number of layers repacked.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    from bitsandbytes.nn import Linear4bit
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.weight.data, state = _convert_weight_packed_for_cpu(
+                module.weight.data, module.weight.quant_state
+            )
+            assert state.packing_format_for_cpu
+            count += 1
+    return count
 
 
 @pytest.fixture(scope="session")
 def loader(checkpoints: dict[str, Path]) -> Callable[[str, str], torch.nn.Module]:
-    return lambda kind, quant="fp32": load_base(checkpoints[kind], quant)
+    return lambda kind, quant="fp32", **kw: load_base(checkpoints[kind], quant, **kw)
 
 
 @pytest.fixture

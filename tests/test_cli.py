@@ -250,3 +250,66 @@ def test_demo_command_compares_lora_and_secura(capsys, tmp_path, tmp_path_factor
     assert [r.split("|")[1].strip() for r in rows] == ["lora", "secura"]
     assert "base retention after each task" in out
     assert (tmp_path / "retention.png").is_file()
+
+
+def test_train_and_eval_load_in_4bit_quantize_the_base_identically(tmp_path):
+    """`secura train` (a recipe with load_in_4bit) and `secura eval --load-in-4bit` score
+    the same NF4 weights: same bytes, scales and double-quantization statistics."""
+    from bitsandbytes.nn import Linear4bit
+
+    from secura_plugins.cli import _load_base
+    from secura_plugins.recipe import ModelSpec, _load_model
+
+    spec = ModelSpec.from_dict({"tiny": "llama", "load_in_4bit": True, "seed": 3})
+    trained, _ = _load_model(spec, tmp_path)
+    scored = _load_base(str(tmp_path / "base"), four_bit=True, dtype=spec.dtype)
+
+    def layers(model):
+        return {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+
+    a, b = layers(trained), layers(scored)
+    assert a and a.keys() == b.keys()
+    for name in a:
+        wa, wb = a[name].weight, b[name].weight
+        assert torch.equal(wa.data.view(torch.uint8), wb.data.view(torch.uint8)), name  # bytes
+        sa, sb = wa.quant_state.as_dict(packed=True), wb.quant_state.as_dict(packed=True)
+        assert sa.keys() == sb.keys(), name
+        for key, value in sa.items():
+            same = torch.equal(value, sb[key]) if torch.is_tensor(value) else value == sb[key]
+            assert same, f"{name}.{key}"
+        assert wa.quant_state.nested  # double quantization, as the recipes always had
+
+
+def test_import_noise_is_hidden_from_the_secura_command_but_not_errors_or_verbose(tmp_path):
+    """`secura` quiets the third-party import notices (torchao's .so loads, torch's pytree
+    deprecation, bitsandbytes' optional kernels), keeps its own error and any other record
+    of those loggers, and `secura -v` shows everything."""
+    import logging
+    import subprocess
+    import sys
+
+    from secura_plugins.cli import IMPORT_NOISE, quiet_import_noise
+
+    def secura(*args: str) -> str:
+        code = "import sys; from secura_plugins.cli import main; sys.exit(main(sys.argv[1:]))"
+        run = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, check=False
+        )
+        assert run.returncode == 1, run.stderr
+        return run.stderr
+
+    cmd = ("eval", str(tmp_path / "missing"), "--probe", "builtin:add:2")
+    quiet, loud = secura(*cmd), secura("-v", *cmd)
+    for out in (quiet, loud):
+        assert "secura: error:" in out and "adapter_config.json is missing" in out
+    for noise in ("Failed to load", "is an Enum subclass"):
+        assert noise not in quiet
+    if "torchao" in loud:  # this environment's torchao cannot load its CUDA extensions
+        assert "Failed to load" in loud
+    # Only the listed notices are dropped: anything else on those loggers goes through.
+    quiet_import_noise()
+    for name, prefix in IMPORT_NOISE:
+        logger = logging.getLogger(name)
+        for msg, shown in ((prefix + "x", False), ("something else went wrong", True)):
+            record = logger.makeRecord(name, logging.WARNING, "f", 1, msg, (), None)
+            assert bool(logger.filter(record)) is shown, (name, msg)

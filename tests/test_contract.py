@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import KINDS, METHODS, method_data, train_steps
+from conftest import KINDS, METHODS, method_data, repack_for_cpu, train_steps
 
 from secura_plugins import (
     AdapterConfig,
@@ -93,6 +93,28 @@ def test_save_then_load_on_a_fresh_base_gives_identical_logits(case, ids, loader
         assert torch.equal(again(ids).logits, expected)
     assert count_parameters(again)["adapter"] == count_parameters(model)["adapter"]
     assert count_parameters(again)["trainable"] == 0  # loaded for inference by default
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_then_load_after_bitsandbytes_repacked_the_base(method, loader, ids, tmp_path):
+    """A 4-bit base repacked for bitsandbytes' AVX512-BF16 CPU kernel before adapting."""
+    base = loader("llama", "4bit")
+    assert repack_for_cpu(base) > 0
+    model = apply_adapter(base, AdapterConfig(method=method, r=4), **method_data(method, ids))
+    train_steps(model, ids, steps=2)
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_adapter(model, tmp_path / "adapter")
+    # A fresh base repacked the same way gives the same logits, bit for bit ...
+    repacked = loader("llama", "4bit")
+    repack_for_cpu(repacked)
+    with torch.no_grad():
+        assert torch.equal(load_adapter(repacked, tmp_path / "adapter")(ids).logits, expected)
+    # ... and a never-repacked one passes the fingerprint check and differs only by the
+    # bfloat16 block scales the repack kept.
+    fresh = load_adapter(loader("llama", "4bit"), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, expected, atol=5e-2)
 
 
 @pytest.mark.parametrize("kind", KINDS)

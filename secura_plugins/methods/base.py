@@ -103,16 +103,19 @@ def base_weight(layer: LoraLayer) -> torch.Tensor:
     """The layer's frozen base weight as a dense fp32 ``d_out x d_in`` tensor.
 
     bitsandbytes 4-bit and 8-bit weights are dequantized (a copy); a plain weight is
-    returned as an fp32 view or copy. Never write into the result.
+    returned as an fp32 view or copy. Never write into the result. A 4-bit weight that
+    bitsandbytes repacked for its AVX512-BF16 CPU kernel is read through
+    :func:`secura_plugins.quant.dequantized_weight` (its usual dequantization reads the
+    repacked bytes as garbage).
     """
-    from peft.utils.integrations import dequantize_module_weight
+    from ..quant import dequantized_weight
 
     base = layer.get_base_layer()
     if getattr(layer, "fan_in_fan_out", False):
         raise NotImplementedError(
             "fan_in_fan_out (Conv1D) layers are not supported; target nn.Linear layers"
         )
-    weight = dequantize_module_weight(base)
+    weight = dequantized_weight(base)
     return weight.detach().to(torch.float32)
 
 

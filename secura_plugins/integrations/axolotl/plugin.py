@@ -63,24 +63,11 @@ def is_secura_cfg(cfg: Any) -> bool:
 
 
 def bnb_4bit_config(compute_dtype: torch.dtype, overrides: dict[str, Any] | None = None):
-    """The ``BitsAndBytesConfig`` axolotl uses for ``qlora``, for ``adapter: secura``.
+    """The NF4 config for ``adapter: secura`` (:func:`secura_plugins.quant.nf4_config`,
+    axolotl's ``qlora`` settings); ``overrides`` are the user's ``bnb_config_kwargs``."""
+    from ...quant import nf4_config
 
-    NF4 with double quantization, compute in ``compute_dtype`` (axolotl's resolved
-    ``torch_dtype``); ``overrides`` are the user's ``bnb_config_kwargs``.
-    """
-    from transformers import BitsAndBytesConfig
-
-    kwargs: dict[str, Any] = {
-        "load_in_4bit": True,
-        "llm_int8_threshold": 6.0,
-        "llm_int8_has_fp16_weight": False,
-        "bnb_4bit_compute_dtype": compute_dtype,
-        "bnb_4bit_use_double_quant": True,
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_quant_storage": torch.bfloat16,
-    }
-    kwargs.update(dict(overrides or {}))
-    return BitsAndBytesConfig(**kwargs)
+    return nf4_config(compute_dtype, overrides)
 
 
 def install_4bit_loading() -> None:
@@ -190,6 +177,9 @@ class SecuraPlugin(BasePlugin):
             )
         from peft import prepare_model_for_kbit_training
 
+        from ...quant import keep_4bit_layout
+
+        keep_4bit_layout(model)
         LOG.info("adapter: secura: preparing the 4-bit base with prepare_model_for_kbit_training")
         prepare_model_for_kbit_training(
             model,
