@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IGNORE = shutil.ignore_patterns(
-    ".git", ".venv*", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "docs", "*.egg-info"
+    ".git", ".venv*", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "*.egg-info"
 )
 
 
