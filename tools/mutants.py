@@ -186,7 +186,7 @@ def run_tests(tree: Path, tests: tuple[str, ...], python: str, timeout: float) -
     env.update(PYTHONPATH=str(tree), OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     venv_bin = str(Path(python).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # axolotl's CLI, secura
-    cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    cmd = [python, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
     try:
         proc = subprocess.run(
             cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout
@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:30s} {verdict:8s} {took}  {m.why}{pending}", flush=True)
             if verdict.startswith("ERROR"):
                 print(out[-2000:], flush=True)
+            elif verdict == "killed":  # which test caught it, and how
+                caught = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+                print(f"{'':30s}   {caught[0][:150] if caught else '?'}", flush=True)
     if args.dry_run:
         print("all mutations apply" if not failures else f"{failures} mutation(s) do not apply")
     else:
