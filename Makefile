@@ -60,5 +60,9 @@ test-trl-latest: $(LATEST)/.installed
 	$(LATEST)/bin/python -c "import trl, transformers, peft; print('newest TRL env:', trl.__version__, transformers.__version__, peft.__version__)"
 	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_axolotl.py --ignore=secura_plugins/integrations/axolotl
 
+# Mutation check (not in CI, ~11 min): one-line breakages the named tests must catch.
+mutants: setup
+	OMP_NUM_THREADS=1 $(PY) tools/mutants.py
+
 clean:
 	rm -rf $(VENV) $(LATEST)

@@ -209,6 +209,20 @@ class ProbePlugin(_BasePlugin):  # type: ignore[misc,valid-type]
         ]
         self.trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
         self.before = {n: _tensor_bytes(t) for n, t in model.state_dict().items()}
+        # The adapter as training will start from it, keyed as in a saved adapter file.
+        from safetensors.torch import save_file
+
+        from secura_plugins import is_adapted
+        from secura_plugins.io import adapter_tensors
+
+        if is_adapted(model):
+            tensors = adapter_tensors(model, model.secura_adapter_name)
+            probe_dir = Path(cfg.output_dir) / "probe"
+            probe_dir.mkdir(parents=True, exist_ok=True)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                str(probe_dir / "adapter_at_load.safetensors"),
+            )
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         self.train_rows = len(trainer.train_dataset)

@@ -110,13 +110,29 @@ def method_data(method: str, ids: torch.Tensor) -> dict:
 def train_steps(
     model: torch.nn.Module, ids: torch.Tensor, steps: int = 3, lr: float = 3e-2
 ) -> None:
-    """A few real optimizer steps on a next-token loss."""
+    """A few real optimizer steps on a next-token loss, each followed by the host hook.
+
+    Like a Trainer, every optimizer step ends with the plugin hook ``secura_step_end``
+    (SECURA's M1/M2 merges run there, so ``U_acc`` fills up when ``merge_every`` is
+    small). The step count continues across calls on the same model.
+    """
+    from secura_plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    done = getattr(model, "_test_steps_done", 0)
     model.train()
-    for _ in range(steps):
+    for step in range(done + 1, done + steps + 1):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
+        pm.hook.secura_step_end(model=model, step=step)
+    model._test_steps_done = done + steps
     model.eval()
+
+
+def u_acc_total(model: torch.nn.Module) -> float:
+    """Sum of ``|U_acc|`` over every SECURA core (0.0 before the first merge)."""
+    return sum(float(m.u_acc.abs().sum()) for m in model.modules() if hasattr(m, "u_acc"))

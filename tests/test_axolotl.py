@@ -174,6 +174,16 @@ def test_continual_ewc_and_replay_across_two_axolotl_runs(ws, fp_run):
     report, _ = H.read_probe(out)
 
     assert f"loading the adapter saved in {task1}" in result.output
+    # ... and the adapter task 2 started from (at post_model_load) is task 1's saved one,
+    # tensor for tensor (U_acc and merge count included), not a fresh adapter.
+    from safetensors.torch import load_file
+
+    saved = load_file(str(task1 / "adapter_model.safetensors"))
+    at_load = load_file(str(out / "probe" / "adapter_at_load.safetensors"))
+    assert sorted(at_load) == sorted(saved)
+    for key, value in saved.items():
+        assert torch.equal(at_load[key], value), key
+    assert any(k.endswith("u_acc") and v.abs().sum() > 0 for k, v in saved.items())
     # Replay: task 1 rows were tokenized by axolotl with task 2's rows.
     mix = [json.loads(line) for line in (out / "secura_replay_mix.jsonl").read_text().splitlines()]
     assert len(mix) == replay_count(24, 0.25) == 8

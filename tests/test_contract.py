@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import KINDS, METHODS, method_data, repack_for_cpu, train_steps
+from conftest import KINDS, METHODS, method_data, repack_for_cpu, train_steps, u_acc_total
 
 from secura_plugins import (
     AdapterConfig,
@@ -140,10 +140,10 @@ def test_reload_in_a_fresh_process(loader, checkpoints, ids, tmp_path):
     cases = [("llama", m, "fp32") for m in METHODS] + [("qwen2", "secura", "4bit")]
     manifest = []
     for kind, method, quant in cases:
-        model = apply_adapter(
-            loader(kind, quant), AdapterConfig(method=method, r=4), **method_data(method, ids)
-        )
-        train_steps(model, ids, steps=2)
+        config = AdapterConfig(method=method, r=4, merge_every=2)  # SECURA merges at step 2
+        model = apply_adapter(loader(kind, quant), config, **method_data(method, ids))
+        train_steps(model, ids, steps=3)
+        assert (u_acc_total(model) > 0) == (method == "secura")
         folder = tmp_path / f"{kind}-{method}-{quant}"
         save_adapter(model, folder)
         with torch.no_grad():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_base, train_steps
+from conftest import load_base, train_steps, u_acc_total
 from safetensors.torch import load_file, save_file
 
 from secura_plugins import (
@@ -28,7 +28,8 @@ from secura_plugins.tiny import save_tiny_checkpoint
 @pytest.fixture
 def trained(loader, ids, tmp_path):
     model = apply_adapter(loader("llama"), AdapterConfig(method="secura", r=4, merge_every=2))
-    train_steps(model, ids, steps=3)
+    train_steps(model, ids, steps=3)  # the step hook merges at step 2
+    assert u_acc_total(model) > 0
     folder = save_adapter(model, tmp_path / "adapter")
     return model, folder
 
@@ -59,6 +60,11 @@ def test_saved_folder_holds_every_piece_of_state(trained):
     ):
         assert any(k.endswith(part) for k in keys), part
     assert len(block["layers"]) == 14
+    # U_acc (non-zero after the merge at step 2) is saved as it is
+    saved = [v for k, v in load_file(str(folder / WEIGHTS_NAME)).items() if k.endswith("u_acc")]
+    live = [v for k, v in model.state_dict().items() if k.endswith("u_acc")]
+    assert len(saved) == len(live) == 14 and all(v.abs().sum() > 0 for v in live)
+    assert sorted(v.abs().sum().item() for v in saved) == sorted(v.abs().sum().item() for v in live)
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
 
 
@@ -197,6 +203,7 @@ def test_export_of_a_linear_adapter_with_output_bias(loader, ids, tmp_path):
         loader("llama"), AdapterConfig(r=4, smagnorm="off", output_bias=True, merge_every=1)
     )
     train_steps(model, ids, steps=3)
+    assert u_acc_total(model) > 0  # the export carries the merged updates too
     expected = _logits(model, ids)
     out = export_merged(model, tmp_path / "merged")
     merged = load_base(out, "fp32")

@@ -52,6 +52,11 @@ def test_quick_lab_writes_measured_results(quick_lab):
         assert run["trainable_params"] > 0 and run["state_mib"] > 0
     lora, secura = result["runs"]
     assert secura["trainable_params"] < lora["trainable_params"]  # r x k cores vs LoRA
+    # Training happened: untrained, both methods would still be the base model (exact
+    # start), with probe scores equal to the base's and identical records.
+    assert any(p != run["base_probe"] for run in result["runs"] for p in run["probe"])
+    assert (lora["matrix"], lora["probe"]) != (secura["matrix"], secura["probe"])
+    assert abs(lora["train_loss"][0] - secura["train_loss"][0]) > 1e-3
     table = Path(out, "table.md").read_text()
     assert "| lora |" in table and "| secura |" in table
     for name in ("retention.png", "frontier.png"):
@@ -73,6 +78,9 @@ def test_lr_sweep_picks_the_gentlest_matching_rate(lab_cache, tmp_path):
     result = run_lab(cfg, progress=False)
     assert [s["lr"] for s in result["sweep"]] == list(cfg.lr_grid)
     assert result["lrs"]["lora"] == _pick_lrs(result["sweep"], cfg.match)["lora"]
+    # the rates really trained: the records differ from one rate to the next
+    outcomes = {(s["learning_accuracy"], s["retention"]) for s in result["sweep"]}
+    assert len(outcomes) > 1, result["sweep"]
 
 
 def test_pick_lrs_rule():

@@ -119,11 +119,32 @@ def test_every_smagnorm_mode_starts_exact_and_gets_gradients(loader, ids, mode):
 
 
 def test_gate_mean_is_reported_after_a_forward(loader, ids):
+    """The logged mean is mean(S) of the last forward, S from ``smagnorm_gate`` itself."""
     model = apply_adapter(loader("llama", "fp32"), AdapterConfig(method="secura", r=4))
-    train_steps(model, ids, steps=2)
-    model(ids)
+    train_steps(model, ids, steps=2)  # no merge yet (merge_every 16): U_acc is zero
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [
+        layer.get_base_layer().register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))
+        )
+        for name, layer in _layers(model).items()
+    ]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    means = []
+    for name, layer in _layers(model).items():
+        x, h0 = seen[name]
+        core = layer.lora_core["default"]
+        dh = F.linear(x, cur_delta_weight(layer, "default"))
+        gate = smagnorm_gate(h0, dh, mode=core.smagnorm, scale=core.smagnorm_scale, eps=core.eps)
+        means.append(gate.mean())
+    expected = float(torch.stack(means).mean())
     gate = adapter_stats(model)["secura/gate_mean"]
     assert 1.0 < gate <= 2.0
+    assert gate == pytest.approx(expected, abs=1e-5)
+    assert abs(expected - 2.0) > 1e-3  # the adapter output is not zero: S is not trivially 2
 
 
 def test_m1_merges_on_schedule_and_u_acc_is_the_dense_update(loader, ids):

@@ -31,7 +31,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from secura_plugins import faults  # noqa: E402
+from secura_plugins import faults, hookimpl  # noqa: E402
 from secura_plugins.faults import KILL_ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +71,25 @@ def _argv(recipe: Path, out: Path) -> list[str]:
     return ["train", str(recipe), "--no-progress", "--output-dir", str(out)]
 
 
+class _StepPrinter:
+    """A plugin printing every optimizer step the run executes (``secura_step_end``).
+
+    Training is deterministic, so the final adapter alone cannot tell a resume from a
+    restart; the executed steps can.
+    """
+
+    @hookimpl
+    def secura_step_end(self, model, step):
+        print(f"{STEP_MARK}{step}", file=sys.stderr, flush=True)
+
+
+STEP_MARK = "[test] optimizer step "
+
+
+def _steps(log: str) -> list[int]:
+    return [int(line[len(STEP_MARK) :]) for line in log.splitlines() if line.startswith(STEP_MARK)]
+
+
 def _child(argv: list[str], kill_at: str | None, log: str) -> None:
     # A forked process runs the CLI's main(): a real process that SIGKILL really kills,
     # without paying the ~15 s of imports of a fresh interpreter for every run.
@@ -90,8 +109,10 @@ def _child(argv: list[str], kill_at: str | None, log: str) -> None:
         os.environ[KILL_ENV] = kill_at
     else:
         os.environ.pop(KILL_ENV, None)
+    from secura_plugins import get_plugin_manager
     from secura_plugins.cli import main
 
+    get_plugin_manager().register(_StepPrinter())  # this forked process only
     code = 1
     try:
         code = main(argv)
@@ -185,6 +206,9 @@ def test_sigkill_mid_task_then_same_command_resumes(recipe, reference, tmp_path)
     code, log = _train(recipe, out)
     assert code == 0, log[-3000:]
     _assert_same_run(out, reference)
+    # task 1 was done; task 2 resumed after its last complete checkpoint (step 2 or 4)
+    steps = _steps(log)
+    assert steps and steps[0] in (3, 5) and steps == list(range(steps[0], 7)), steps
 
 
 def test_sigkill_inside_saves_then_same_command_resumes(recipe, reference, tmp_path):
@@ -219,6 +243,7 @@ def test_sigkill_inside_saves_then_same_command_resumes(recipe, reference, tmp_p
     #    EWC, adds the replay rows, writes the outputs: the uninterrupted run's adapter
     code, log = _train(recipe, out)
     assert code == 0, log[-3000:]
+    assert _steps(log) == [5, 6]  # from checkpoint-4: not a restart of task 2
     _assert_same_run(out, reference)
 
 

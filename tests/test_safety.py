@@ -16,20 +16,48 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_steps, u_acc_total
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "secura_plugins"
 
 
+def _aliases(tree: ast.AST) -> dict[str, str]:
+    """Local name -> full dotted name, for every import in ``tree``.
+
+    ``import torch as T`` maps ``T`` to ``torch``; ``from torch import load as L`` maps
+    ``L`` to ``torch.load``; ``from torch.serialization import load`` maps ``load`` to
+    ``torch.serialization.load``.
+    """
+    names: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname:
+                    names[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                names[a.asname or a.name] = f"{node.module}.{a.name}"
+    return names
+
+
 def _calls(tree: ast.AST):
+    """Every call with the called name resolved through the module's import aliases."""
+    aliases = _aliases(tree)
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
-            yield node, ast.unparse(node.func)
+            head, _, rest = ast.unparse(node.func).partition(".")
+            full = aliases.get(head, head)
+            yield node, f"{full}.{rest}" if rest else full
+
+
+UNPICKLING_TORCH_LOADS = {"torch.load", "torch.serialization.load"}
 
 
 def test_the_package_never_unpickles_or_loads_yaml_unsafely():
     """Source scan of every module: no pickle/marshal/dill loads, ``torch.load`` only
-    with ``weights_only=True``, YAML only through ``yaml.safe_load``."""
+    with ``weights_only=True``, YAML only through ``yaml.safe_load``; names are
+    resolved through import aliases (``from torch import load``)."""
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -41,15 +69,35 @@ def test_the_package_never_unpickles_or_loads_yaml_unsafely():
                     offenders.append(f"{path.name}:{node.lineno} imports {module or names}")
         for call, name in _calls(tree):
             where = f"{path.relative_to(ROOT)}:{call.lineno} {name}"
-            if name in {"torch.load", "load"} and "torch" in name:
+            if name in UNPICKLING_TORCH_LOADS:
                 weights_only = [k for k in call.keywords if k.arg == "weights_only"]
                 if not weights_only or ast.unparse(weights_only[0].value) != "True":
                     offenders.append(where + " without weights_only=True")
             if re.fullmatch(r"yaml\.(load|unsafe_load|full_load|load_all|unsafe_load_all)", name):
                 offenders.append(where)
-            if name.endswith(("pickle.load", "pickle.loads", "np.load", "numpy.load")):
+            if name.endswith(("pickle.load", "pickle.loads", "numpy.load")):
                 offenders.append(where)
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import torch\ntorch.load(p)",
+        "from torch import load\nload(p)",
+        "from torch import load as read\nread(p, weights_only=False)",
+        "import torch as T\nT.serialization.load(p)",
+        "from torch import serialization\nserialization.load(p)",
+        "from torch.serialization import load\nload(p)",
+        "import numpy as np\nnp.load(p)",
+    ],
+)
+def test_the_source_scan_resolves_import_aliases(source):
+    """The scan's own check: every spelling of an unpickling load is seen."""
+    names = [name for _, name in _calls(ast.parse(source))]
+    assert set(names) & (UNPICKLING_TORCH_LOADS | {"numpy.load"}), names
+    safe = [name for _, name in _calls(ast.parse("from json import load\nload(p)"))]
+    assert not set(safe) & UNPICKLING_TORCH_LOADS
 
 
 def test_trust_remote_code_is_off_unless_the_recipe_sets_it(tmp_path, monkeypatch):
@@ -96,12 +144,18 @@ def test_pickle_files_in_an_adapter_folder_are_never_opened(tmp_path):
     from secura_plugins import AdapterConfig, apply_adapter, load_adapter, save_adapter
     from secura_plugins.tiny import build_tiny_model
 
-    model = apply_adapter(build_tiny_model(seed=1), AdapterConfig(r=4, target_modules=["q_proj"]))
+    config = AdapterConfig(r=4, target_modules=["q_proj"], merge_every=2)
+    model = apply_adapter(build_tiny_model(seed=1), config)
+    ids = torch.tensor([[1, 5, 9, 12, 7, 3, 20, 11]])
+    train_steps(model, ids, steps=3)  # A and B trained, U_acc merged at step 2
+    assert u_acc_total(model) > 0
     folder = save_adapter(model, tmp_path / "adapter")
     (folder / "adapter_model.bin").write_bytes(b"\x80\x04c__main__\nNoSuchClass\n.")
     loaded = load_adapter(build_tiny_model(seed=1), folder)
-    ids = torch.tensor([[1, 5, 9, 12]])
-    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with torch.no_grad():
+        expected, base = model(ids).logits, build_tiny_model(seed=1)(ids).logits
+        assert torch.equal(loaded(ids).logits, expected)
+    assert not torch.allclose(expected, base, atol=1e-4)  # the loaded adapter is not a no-op
 
 
 HALT_RECIPE = """\

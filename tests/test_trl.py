@@ -147,8 +147,23 @@ def test_reporting_integration_records_secura_metrics(tmp_path, tok):
     assert any(t.endswith("secura/merges") for t in tags), tags
 
 
+class StepCounter(TrainerCallback):
+    """Counts the optimizer steps a run really executes (``on_step_end``)."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
 def _resume_run(tmp_path, tok, make_trainer, steps=8, save_at=4):
-    """(uninterrupted final adapter, resumed-from-mid-run final adapter)."""
+    """(uninterrupted final adapter, resumed-from-mid-run final adapter).
+
+    CPU training is deterministic, so a run that ignored the checkpoint and redid the
+    task would end on the same adapter: the resumed run must execute only the steps
+    after ``save_at``.
+    """
     full = make_trainer(
         tmp_path / "full", save_steps=save_at, save_strategy="steps", max_steps=steps
     )
@@ -158,7 +173,10 @@ def _resume_run(tmp_path, tok, make_trainer, steps=8, save_at=4):
     shutil.copytree(tmp_path / "full", resumed_dir)
     shutil.rmtree(resumed_dir / f"checkpoint-{steps}")
     again = make_trainer(resumed_dir, save_steps=save_at, save_strategy="steps", max_steps=steps)
+    counter = StepCounter()
+    again.add_callback(counter)
     again.train(resume_from_checkpoint=str(resumed_dir / f"checkpoint-{save_at}"))
+    assert counter.steps == list(range(save_at + 1, steps + 1)), counter.steps
     return want, adapter_snapshot(again.model), full, again
 
 
@@ -422,6 +440,32 @@ def test_consolidation_at_train_end_zeroes_pending_b(tmp_path, tok):
 
 
 # --------------------------------------------------------------------------- replay, probe
+def test_replay_buffer_saved_in_checkpoints_and_restored(tmp_path, tok):
+    buffer = ReplayBuffer(capacity=8, seed=1)
+    buffer.add(reverse_dataset(20), task="reverse")  # 20 > 8: the reservoir generator moved
+    args = sft_config(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = SFTTrainer(
+        build_tiny_model("llama", vocab_size=len(tok), seed=3),
+        args=args,
+        train_dataset=text_dataset(32),
+        processing_class=tok,
+        callbacks=[SecuraCallback(AdapterConfig(**SECURA), replay=buffer)],
+    )
+    trainer.train()
+    # a resumed run whose callback holds a fresh, empty buffer gets the saved one back
+    fresh = ReplayBuffer(capacity=8, seed=1)
+    resumed = SFTTrainer(
+        build_tiny_model("llama", vocab_size=len(tok), seed=3),
+        args=args,
+        train_dataset=text_dataset(32),
+        processing_class=tok,
+        callbacks=[SecuraCallback(AdapterConfig(**SECURA), replay=fresh)],
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert len(fresh) == 8 and fresh.seen == 20
+    assert fresh.state_dict() == buffer.state_dict()
+
+
 def test_mixin_replay_mixes_and_fills_buffer(tmp_path, tok):
     buffer = ReplayBuffer(capacity=50, seed=0)
     buffer.add(reverse_dataset(40), task="reverse")
