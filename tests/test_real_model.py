@@ -78,6 +78,9 @@ def test_checkpoint_is_the_real_pretrained_model():
     assert type(model).__name__ == "LlamaForCausalLM"
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    # a turn ends with <|im_end|> (TRL appends the tokenizer's eos to every example)
+    assert tok.eos_token == tok.pad_token == "<|im_end|>"
+    assert tok.eos_token_id == model.config.eos_token_id
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
