@@ -5,26 +5,29 @@ Given a base model and an adapter trained on it (by ``secura train``, TRL's
 the two:
 
 * **knowledge the base states itself.** The base writes short quiz questions on bundled
-  topics (:data:`TOPICS`) and answers each twice, in two phrasings (a plain
-  ``Question:/Answer:`` prompt, and its chat template, or a ``Q:/A:`` prompt without one).
+  topics (:data:`TOPICS`) and answers each twice, in two phrasings (through its chat
+  template when it has one; plain ``Question:/Answer:`` and ``Q:/A:`` prompts when not).
   A question is kept only where the base is self-consistent: the key word of its first
-  answer appears in the second, and its greedy answer is reproduced when scored as a
-  probe. The fine-tuned model is then scored on the kept questions against the base's
-  own answers (greedy exact match, and the NLL of those answers).
+  answer (a word the question does not contain) appears in the second, and its greedy
+  answer is reproduced token for token when scored as a probe. The fine-tuned model is then scored on the kept questions against the base's
+  own answers: does its greedy answer still contain the key word (and the whole answer,
+  exactly), and the NLL of the base's answers.
 * **general text.** The mean token NLL on bundled English text neither model trained on
   (:func:`secura_plugins.lab.real.text_nll`); its rise is the forgetting metric PEFT's
   benchmark reports.
 * **drift on your prompts.** The mean per-token KL(base || fine-tuned) of the next-token
   distributions over prompts you pass (``--prompts``, one per line or JSON lines with
-  ``prompt``/``text``), or by default over the probe's questions.
+  ``prompt``/``text``), or by default over the probe's questions and bundled text.
 
 Results: a table on stdout, ``forgetting.json`` and ``forgetting.png`` in ``--out``, and
 the JSON on stdout with ``--json``.
 
 Example:
     >>> from secura_plugins.forgetting import keyword, consistent
-    >>> keyword(" Paris, the city of light."), consistent(" Paris.", "The capital is Paris.")
-    ('paris', True)
+    >>> keyword("The capital of France is Paris.", "What is the capital of France?")
+    'paris'
+    >>> consistent("It is Paris.", "The capital is Paris."), consistent("Tokyo.", "Kyoto.")
+    (True, False)
 """
 
 from __future__ import annotations
@@ -64,31 +67,48 @@ TOPICS = [
 ]
 # fmt: on
 
-_QUESTION_PROMPT = (
-    "Short quiz questions, each with a one-word answer.\n"
-    "Topic: Japan\nQuestion: What is the capital of Japan?\n"
-    "Topic: the Sun\nQuestion: What type of celestial body is the Sun?\n"
+_WRITE = "Write one short quiz question about {topic}. Reply with the question only."
+_WRITE_PLAIN = (
+    "Short quiz questions.\nTopic: Japan\nQuestion: What is the capital of Japan?\n"
     "Topic: {topic}\nQuestion:"
 )
-_STOP_WORDS = {"the", "a", "an", "is", "of", "it", "in", "to", "and", "its", "was", "are"}
+_STOP_WORDS = {
+    "a", "an", "the", "is", "are", "was", "were", "be", "of", "in", "on", "at", "to", "and",
+    "or", "it", "its", "it's", "this", "that", "by", "for", "with", "as", "from", "which",
+    "who", "what", "called", "known", "name", "named", "answer", "i", "yes", "no", "also",
+    "about", "approximately", "around", "primarily", "mainly", "usually", "located", "not",
+}  # fmt: skip
 
 
-def keyword(answer: str) -> str:
-    """The first word of ``answer`` that is not a stop word, lower-cased ('' if none)."""
-    words = re.findall(r"[\w'-]+", answer.lower())
-    return next((w for w in words if w not in _STOP_WORDS), "")
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w'-]+", text.lower())
 
 
-def consistent(first: str, second: str) -> bool:
-    """Whether the key word of ``first`` is among the words of ``second``."""
-    key = keyword(first)
-    return bool(key) and key in re.findall(r"[\w'-]+", second.lower())
+def keyword(answer: str, question: str = "") -> str:
+    """The first word of ``answer`` that is neither a stop word nor a word of ``question``
+    (the new information the answer gives), lower-cased; '' if there is none."""
+    known = set(_words(question)) | _STOP_WORDS
+    return next((w for w in _words(answer) if w not in known), "")
+
+
+def consistent(first: str, second: str, question: str = "") -> bool:
+    """Whether the key word of ``first`` (see :func:`keyword`) is among ``second``'s words."""
+    key = keyword(first, question)
+    return bool(key) and key in _words(second)
 
 
 def _bar(items: Sequence[Any], desc: str, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, leave=False, disable=not progress)
+
+
+def _first_sentence(text: str) -> str:
+    """``text`` up to its first line break or sentence end (kept), leading blanks dropped."""
+    text = text.lstrip()
+    text = text.split("\n", 1)[0]
+    match = re.search(r"[.!?](\s|$)", text)
+    return text[: match.end()].rstrip() if match else text.rstrip()
 
 
 @torch.no_grad()
@@ -102,7 +122,7 @@ def _greedy(
     progress: bool = False,
     desc: str = "generating",
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (left padding), each cut at its first newline."""
+    """Greedy continuations of ``prompts`` (left padding), cut to their first sentence."""
     side, tok.padding_side = tok.padding_side, "left"
     device = next(model.parameters()).device
     out: list[str] = []
@@ -123,18 +143,24 @@ def _greedy(
                 eos_token_id=tok.eos_token_id,
             )
             for row in ids[:, enc["input_ids"].shape[1] :]:
-                text = tok.decode(row, skip_special_tokens=True)
-                out.append(text.split("\n", 1)[0])
+                out.append(_first_sentence(tok.decode(row, skip_special_tokens=True)))
     finally:
         tok.padding_side = side
     return out
 
 
-def _second_phrasing(tok: Any, question: str) -> str:
-    if getattr(tok, "chat_template", None):
-        messages = [{"role": "user", "content": f"{question} Answer in a few words."}]
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"Q: {question}\nA:"
+def _chat(tok: Any, text: str) -> str | None:
+    if not getattr(tok, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": text}]
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _phrasings(tok: Any, question: str) -> tuple[str, str]:
+    """The probe's prompt for ``question`` and a second phrasing of it."""
+    first = _chat(tok, question) or f"Question: {question}\nAnswer:"
+    second = _chat(tok, f"Answer briefly. {question}") or f"Q: {question}\nA:"
+    return first, second
 
 
 def generate_probe(
@@ -142,62 +168,63 @@ def generate_probe(
 ) -> list[dict[str, Any]]:
     """Questions the base writes and answers itself; ``kept`` marks the self-consistent ones.
 
-    Each item: ``topic``, ``question``, ``prompt`` (the plain phrasing), ``answer`` (the
-    base's greedy answer to it, the probe's target), ``second`` (its answer in the other
-    phrasing) and ``kept``.
+    The base writes one question per topic (through its chat template when it has one),
+    then answers each question in two phrasings. An item is kept when its first answer
+    has a key word (a word that is not in the question), the second answer contains it,
+    and the base reproduces the first answer token for token when it is scored as a
+    probe. Each item: ``topic``, ``question``, ``prompt``, ``answer``, ``target`` (the
+    answer as the probe scores it), ``key``, ``second``, ``kept``.
     """
     from .continual.probe import RetentionProbe
 
-    questions = _greedy(
-        base,
-        tok,
-        [_QUESTION_PROMPT.format(topic=t) for t in topics],
-        24,
-        progress=progress,
-        desc="base writes questions",
-    )
-    items = [
-        {"topic": t, "question": q.strip(), "prompt": f"Question: {q.strip()}\nAnswer:"}
-        for t, q in zip(topics, questions)
-    ]
-    items = [it for it in items if it["question"].endswith("?") and len(it["question"]) > 8]
-    answers = _greedy(
-        base, tok, [it["prompt"] for it in items], 8, progress=progress, desc="base answers"
-    )
-    seconds = _greedy(
-        base,
-        tok,
-        [_second_phrasing(tok, it["question"]) for it in items],
-        16,
-        progress=progress,
-        desc="base answers again",
-    )
-    for it, a, b in zip(items, answers, seconds):
-        it.update(answer=a.rstrip(), second=b.strip(), kept=False)
-    candidates = [
-        it for it in items if it["answer"].strip() and consistent(it["answer"], it["second"])
-    ]
-    if candidates:  # the greedy answer must be reproduced when scored as a probe
-        probe = RetentionProbe(
-            [(it["prompt"], it["answer"]) for it in candidates], tok, add_special_tokens=False
-        )
+    asks = [_chat(tok, _WRITE.format(topic=t)) or _WRITE_PLAIN.format(topic=t) for t in topics]
+    written = _greedy(base, tok, asks, 32, progress=progress, desc="base writes questions")
+    items, seen = [], set()
+    for topic, question in zip(topics, written):
+        question = re.sub(r"^(question|q)\s*:\s*", "", question.strip(), flags=re.I)
+        question = question.split("?", 1)[0].strip() + "?" if "?" in question else ""
+        if len(question) > 8 and question.lower() not in seen:
+            seen.add(question.lower())
+            items.append({"topic": topic, "question": question})
+    prompts = [_phrasings(tok, it["question"]) for it in items]
+    answers = _greedy(base, tok, [p[0] for p in prompts], 24, progress=progress,
+                      desc="base answers")  # fmt: skip
+    seconds = _greedy(base, tok, [p[1] for p in prompts], 24, progress=progress,
+                      desc="base answers again")  # fmt: skip
+    for it, (prompt, _), answer, second in zip(items, prompts, answers, seconds):
+        key = keyword(answer, it["question"])
+        target = answer if prompt.endswith((" ", "\n")) else " " + answer  # as generated
+        it.update(prompt=prompt, answer=answer, target=target, key=key, second=second)
+        it["kept"] = bool(key) and key in _words(second)
+    candidates = [it for it in items if it["kept"]]
+    if candidates:  # the greedy answer must come back token for token when scored
+        probe = RetentionProbe([(it["prompt"], it["target"]) for it in candidates], tok,
+                               add_special_tokens=False)  # fmt: skip
         for it, pair in zip(candidates, probe._encoded):
             it["kept"] = bool(probe._greedy_batch(base, [pair])[0])
     return items
 
 
 def score_probe(model: torch.nn.Module, tok: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Exact match and answer NLL of ``model`` on the kept items (the base's answers)."""
+    """On the kept items: how often ``model``'s greedy answer still contains the base's key
+    word (``accuracy``), exact match of the whole answer, and the answers' mean NLL."""
     from .continual.probe import RetentionProbe
 
     kept = [it for it in items if it["kept"]]
     if not kept:
-        return {"n": 0, "accuracy": None, "answer_nll": None}
-    probe = RetentionProbe(
-        [(it["prompt"], it["answer"]) for it in kept], tok, add_special_tokens=False
-    )
+        return {"n": 0, "accuracy": None, "exact": None, "answer_nll": None}
+    answers = _greedy(model, tok, [it["prompt"] for it in kept], 24)
+    hits = [it["key"] in _words(a) for it, a in zip(kept, answers)]
+    probe = RetentionProbe([(it["prompt"], it["target"]) for it in kept], tok,
+                           add_special_tokens=False)  # fmt: skip
     scores = probe.evaluate(model)
-    return {"n": len(kept), "accuracy": scores["accuracy"], "answer_nll": scores["loss"]}
+    return {
+        "n": len(kept),
+        "accuracy": sum(hits) / len(kept),
+        "exact": scores["accuracy"],
+        "answer_nll": scores["loss"],
+        "answers": answers,
+    }
 
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
@@ -287,41 +314,53 @@ def forgetting_report(
     max_text_tokens: int = 4096,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """All three probes; ``base`` and ``model`` share ``tok``. Returns the JSON report."""
-    from .lab.real import text_nll
+    """All three probes; ``base`` and ``model`` share ``tok``. Returns the JSON report.
 
-    steps = _bar(["probe", "base", "model", "text", "kl"], "forgetting", progress)
+    Without ``prompts`` the KL is taken over the probe's questions and the first 16
+    paragraphs of the bundled general text.
+    """
+    from .lab.real import general_text, text_nll
+
     report: dict[str, Any] = {}
-    for step in steps:
+    scores: dict[str, dict[str, Any]] = {}
+    for step in _bar(["probe", "base", "model", "text", "kl"], "forgetting", progress):
         if step == "probe":
             items = generate_probe(base, tok, topics, progress=progress)
         elif step in ("base", "model"):
-            report[f"knowledge_{step}"] = score_probe(base if step == "base" else model, tok, items)
+            scores[step] = score_probe(base if step == "base" else model, tok, items)
         elif step == "text":
             nll_base = text_nll(base, tok, max_tokens=max_text_tokens)
             nll = text_nll(model, tok, max_tokens=max_text_tokens)
-            report["general_text"] = {"nll_base": nll_base, "nll": nll, "rise": nll - nll_base}
-        else:
-            source = "--prompts" if prompts else "probe questions"
-            texts = list(prompts) if prompts else [it["prompt"] for it in items]
-            report["kl"] = {
-                "source": source,
-                **kl_to_base(base, model, tok, texts, progress=progress),
+            report["general_text"] = {
+                "nll_base": nll_base,
+                "nll": nll,
+                "rise": nll - nll_base,
+                "tokens": max_text_tokens,
             }
-    kb, km = report["knowledge_base"], report["knowledge_model"]
-    report["knowledge"] = {
-        "questions": len(topics),
+        else:
+            source, texts = "--prompts", list(prompts or [])
+            if not texts:
+                paragraphs = [p for p in general_text().split("\n\n") if p.strip()][:16]
+                source = "probe questions + general text"
+                texts = [it["prompt"] for it in items] + paragraphs
+            kl = kl_to_base(base, model, tok, texts, progress=progress)
+            report["kl"] = {"source": source, **kl}
+    kb, km = scores["base"], scores["model"]
+    for it, answer in zip([it for it in items if it["kept"]], km.pop("answers", [])):
+        it["model_answer"] = answer
+    knowledge = {
+        "topics": len(topics),
         "written": len(items),
         "kept": kb["n"],
         "base_accuracy": kb["accuracy"],
         "accuracy": km["accuracy"],
-        "retention": (km["accuracy"] / kb["accuracy"]) if kb["accuracy"] else None,
+        "retention": km["accuracy"] / kb["accuracy"] if kb["accuracy"] else None,
+        "base_exact": kb["exact"],
+        "exact": km["exact"],
         "answer_nll_base": kb["answer_nll"],
         "answer_nll": km["answer_nll"],
     }
-    report["items"] = items
-    del report["knowledge_base"], report["knowledge_model"]
-    return report
+    return {"knowledge": knowledge, **report, "items": items}
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -331,35 +370,21 @@ def _fmt(value: Any, spec: str) -> str:
 def format_report(report: dict[str, Any]) -> str:
     """The report as a markdown table."""
     k, t, kl = report["knowledge"], report["general_text"], report["kl"]
+    nll_rise = None
+    if k["answer_nll"] is not None:
+        nll_rise = k["answer_nll"] - k["answer_nll_base"]
     rows = [
-        (
-            "self-stated knowledge kept (exact match)",
-            _fmt(k["base_accuracy"], ".0%"),
-            _fmt(k["accuracy"], ".0%"),
-            f"{k['kept']} of {k['written']} questions kept",
-        ),
-        (
-            "NLL of the base's own answers (nats)",
-            _fmt(k["answer_nll_base"], ".3f"),
-            _fmt(k["answer_nll"], ".3f"),
-            "rise "
-            + _fmt(
-                None if k["answer_nll"] is None else k["answer_nll"] - k["answer_nll_base"], "+.3f"
-            ),
-        ),
-        (
-            "general-text NLL (nats/token)",
-            f"{t['nll_base']:.3f}",
-            f"{t['nll']:.3f}",
-            f"rise {t['rise']:+.3f}",
-        ),
-        (
-            f"KL(base || model) on {kl['source']} (nats/token)",
-            "0",
-            f"{kl['mean_kl']:.4f}",
-            f"{kl['prompts']} prompts, worst {_fmt(kl['max_prompt'], '.4f')}",
-        ),
-    ]
+        ("self-stated knowledge kept (key word in the answer)",
+         _fmt(k["base_accuracy"], ".0%"), _fmt(k["accuracy"], ".0%"),
+         f"{k['kept']} of {k['written']} questions kept; exact answer {_fmt(k['exact'], '.0%')}"),
+        ("NLL of the base's own answers (nats/token)",
+         _fmt(k["answer_nll_base"], ".3f"), _fmt(k["answer_nll"], ".3f"),
+         f"rise {_fmt(nll_rise, '+.3f')}"),
+        ("general-text NLL (nats/token)", f"{t['nll_base']:.3f}", f"{t['nll']:.3f}",
+         f"rise {t['rise']:+.3f}"),
+        (f"KL(base || model) on {kl['source']} (nats/token)", "0", f"{kl['mean_kl']:.4f}",
+         f"{kl['prompts']} prompts, worst {_fmt(kl['max_prompt'], '.4f')}"),
+    ]  # fmt: skip
     lines = ["| probe | base | fine-tuned | note |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
