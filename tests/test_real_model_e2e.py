@@ -216,3 +216,21 @@ def test_secura_train_recipe_runs_two_steps(tmp_path, smollm2):
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert meta["secura"]["base_model"]["name_or_path"] == str(smollm2)
     assert meta["secura"]["base_model"]["quantized"] is True
+
+
+# --------------------------------------------------------------------------- forgetting
+def test_secura_forgetting_on_the_real_model(trl_runs, smollm2, capsys):
+    """The base writes and answers its own questions; a few are kept (self-consistent)."""
+    from secura_plugins.cli import main
+
+    trained, _ = trl_runs
+    args = ["forgetting", str(trained["lora"]["adapter"]), "--json", "--no-progress"]
+    assert main([*args, "--topics", "6", "--text-tokens", "512"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["base"] == str(smollm2) and report["four_bit"] is False
+    k = report["knowledge"]
+    assert k["written"] >= 4 and k["kept"] >= 3, report["items"]
+    assert k["base_accuracy"] == 1.0 and k["base_exact"] == 1.0  # its own answers, reproduced
+    kept = [it for it in report["items"] if it["kept"]]
+    assert all(it["key"] in it["second"].lower() for it in kept)
+    assert report["kl"]["mean_kl"] > 0 and report["general_text"]["nll_base"] < 5.0
