@@ -51,6 +51,7 @@ __all__ = [
     "RealSpec",
     "general_text",
     "load_real_model",
+    "measure",
     "real_base",
     "render_pairs",
     "text_nll",
@@ -372,3 +373,21 @@ def real_base(
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)
     return RealBase(spec, folder, probe, counts, base_nll, cache)
+
+
+def measure(
+    model: torch.nn.Module,
+    tok: Any,
+    tasks: list[str] | None = None,
+    *,
+    spec: RealSpec | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """:meth:`RealBase.measure` on the (cached) real base of ``spec``: the one-call API.
+
+    ``model`` is anything built from SmolLM2-135M-Instruct (plain, ``PeftModel``, 4-bit);
+    ``tok`` should be :func:`load_real_model`'s tokenizer (eos/pad ``<|im_end|>``). For a
+    4-bit model pass ``spec=RealSpec(four_bit=True)`` (its probe is filtered on the
+    4-bit base).
+    """
+    return real_base(spec, cache_dir=cache_dir, progress=False).measure(model, tok, tasks)
