@@ -244,7 +244,7 @@ def run_sequence(
     probe = RetentionProbe(knowledge, tok, batch_size=128)
     if real:  # the probe holds only items the base answers: its score is 1.0 by construction
         base_probe = {"accuracy": base.recall}
-        base_extra = base.extra_metrics(model, tok)
+        base_extra = {"nll": base.base_nll}  # measured on this base when the probe was filtered
     config = None
     if method.adapter is not None:
         config = AdapterConfig.from_dict({**method.adapter, "seed": seed})
