@@ -249,7 +249,7 @@ def _forgetting_args(p: argparse.ArgumentParser) -> None:
         "--topics", type=int, default=None, help="how many bundled topics the base writes on"
     )
     p.add_argument(
-        "--text-tokens", type=int, default=4096, help="tokens of bundled general text scored"
+        "--text-tokens", type=int, default=1024, help="tokens of bundled general text scored"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -311,7 +311,7 @@ def forgetting_report(
     *,
     prompts: Sequence[str] | None = None,
     topics: Sequence[str] = TOPICS,
-    max_text_tokens: int = 4096,
+    max_text_tokens: int = 1024,
     progress: bool = False,
 ) -> dict[str, Any]:
     """All three probes; ``base`` and ``model`` share ``tok``. Returns the JSON report.
