@@ -219,14 +219,18 @@ def test_secura_train_recipe_runs_two_steps(tmp_path, smollm2):
 
 
 # --------------------------------------------------------------------------- forgetting
-def test_secura_forgetting_on_the_real_model(trl_runs, smollm2, capsys):
+def test_secura_forgetting_on_the_real_model(trl_runs, smollm2, capsys, tmp_path):
     """The base writes and answers its own questions; a few are kept (self-consistent)."""
     from secura_plugins.cli import main
 
     trained, _ = trl_runs
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about the capital of Veloria.\nWhat is the capital of France?\n")
     args = ["forgetting", str(trained["lora"]["adapter"]), "--json", "--no-progress"]
-    assert main([*args, "--topics", "6", "--text-tokens", "512"]) == 0
+    args += ["--topics", "6", "--text-tokens", "256", "--prompts", str(prompts)]
+    assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["kl"]["source"] == "--prompts" and report["kl"]["prompts"] == 2
     assert report["base"] == str(smollm2) and report["four_bit"] is False
     k = report["knowledge"]
     assert k["written"] >= 4 and k["kept"] >= 3, report["items"]
