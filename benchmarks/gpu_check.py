@@ -16,7 +16,8 @@ failing section records its error and the next one still runs):
 3. ``8b``: ``benchmarks/speed.py`` on Llama-3.1-8B shapes (random weights) in 4-bit,
    seq 2048, gradient checkpointing: peak memory of LoRA and SECURA, one process each.
 
-Without CUDA it writes ``{"status": "skipped", ...}`` and says why.
+Without CUDA it writes ``{"status": "skipped", ...}`` and says why. ``--smoke`` runs every
+section on the CPU with tiny sizes (a check of the code paths; its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+#: ``--smoke``: every section on the CPU with tiny sizes (checks the code paths, not speed).
+SMOKE = False
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RECIPE = REPO / "recipes" / "smollm2-135m-secura-4bit.yaml"
@@ -45,6 +48,32 @@ def _write(out: Path, results: dict[str, Any]) -> None:
     os.replace(tmp, out / "gpu_check.json")
 
 
+def _dtype():
+    import torch
+
+    return torch.float32 if SMOKE else torch.bfloat16
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_mib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def _nf4_smollm2():
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -55,10 +84,11 @@ def _nf4_smollm2():
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=_dtype(),
     )
+    device_map = {"": 0} if torch.cuda.is_available() else None
     return AutoModelForCausalLM.from_pretrained(
-        str(smollm2_checkpoint()), dtype=torch.bfloat16, quantization_config=qc, device_map={"": 0}
+        str(smollm2_checkpoint()), dtype=_dtype(), quantization_config=qc, device_map=device_map
     )
 
 
@@ -73,8 +103,11 @@ def section_steps(steps: int = 20, warmup: int = 3, batch: int = 16, seq: int = 
         "lora": AdapterConfig(method="lora", r=8, target_modules=TARGETS),
         "secura": AdapterConfig(method="secura", r=8, k=32, merge_every=8, target_modules=TARGETS),
     }
+    if SMOKE:
+        steps, warmup, batch, seq = 2, 1, 2, 16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 40000, (batch, seq), generator=gen).cuda()
+    ids = torch.randint(100, 40000, (batch, seq), generator=gen).to(device)
     hook = get_plugin_manager().hook
     rows = {}
     for name, config in methods.items():
@@ -85,27 +118,28 @@ def section_steps(steps: int = 20, warmup: int = 3, batch: int = 16, seq: int = 
         times = []
         for step in range(1, warmup + steps + 1):
             if step == warmup + 1:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                _sync()
+                _reset_peak()
             start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=_dtype(), enabled=not SMOKE):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             hook.secura_step_end(model=model, step=step)
-            torch.cuda.synchronize()
+            _sync()
             if step > warmup:
                 times.append(time.perf_counter() - start)
         rows[name] = {
             "median_step_s": statistics.median(times),
             "min_step_s": min(times),
-            "max_memory_allocated_MiB": torch.cuda.max_memory_allocated() / 2**20,
+            "max_memory_allocated_MiB": _peak_mib(),
             "trainable": count_parameters(model)["trainable"],
             "final_loss": float(loss),
         }
         del model, opt, params
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     rows["secura_over_lora_time"] = rows["secura"]["median_step_s"] / rows["lora"]["median_step_s"]
     rows["settings"] = {"batch": batch, "seq": seq, "steps": steps, "warmup": warmup, "r": 8}
     return rows
@@ -116,29 +150,35 @@ def section_recipe(out: Path) -> dict:
     import torch
 
     from secura_plugins.cli import _forgetting_models
-    from secura_plugins.forgetting import forgetting_report
+    from secura_plugins.forgetting import TOPICS, forgetting_report
     from secura_plugins.recipe import load_recipe, run_recipe
 
-    gpu = ["training.use_cpu=false", "training.bf16=true", "model.dtype=bfloat16"]
+    device = ["training.use_cpu=false", "training.bf16=true", "model.dtype=bfloat16"]
+    topics, text_tokens, dtype = TOPICS, 1024, "bfloat16"
+    if SMOKE:
+        device = ["training.max_steps=2", "training.save_steps=2", "probe.steps=2"]
+        topics, text_tokens, dtype = TOPICS[:2], 64, "float32"
     variants = {
-        "secura": gpu,
-        "lora": [*gpu, "adapter.method=lora", "training.learning_rate=1.0e-3"],
+        "secura": device,
+        "lora": [*device, "adapter.method=lora", "training.learning_rate=1.0e-3"],
     }
     rows: dict[str, Any] = {}
     for name, overrides in variants.items():
         recipe = load_recipe(RECIPE, overrides)
-        torch.cuda.reset_peak_memory_stats()
+        _reset_peak()
         start = time.perf_counter()
         results = run_recipe(recipe, output_dir=out / f"recipe-{name}", progress=False)
         seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        torch.cuda.empty_cache()
+        peak = _peak_mib()
         start = time.perf_counter()
-        base, model, tok, info = _forgetting_models(results["adapter"], None, None, "bfloat16")
-        report = info | forgetting_report(base, model, tok)
+        base, model, tok, info = _forgetting_models(results["adapter"], None, None, dtype)
+        report = info | forgetting_report(
+            base, model, tok, topics=topics, max_text_tokens=text_tokens
+        )
         (out / f"forgetting-{name}.json").write_text(json.dumps(report, indent=2))
         del base, model
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         task = results["tasks"][0]
         rows[name] = {
             "train_seconds": seconds,
@@ -155,11 +195,13 @@ def section_recipe(out: Path) -> dict:
 def section_8b(out: Path, timeout: float) -> dict:
     """The 8B-shaped 4-bit memory row of benchmarks/speed.py (LoRA vs SECURA)."""
     path = out / "speed_8b_4bit.json"
+    shape = ["--device", "cuda", "--dtypes", "bf16", "--shape", "8b", "--seq", "2048"]
+    if SMOKE:
+        shape = ["--device", "cpu", "--dtypes", "fp32", "--shape", "quick", "--seq", "16"]
     cmd = [
-        sys.executable, str(HERE / "speed.py"), "--device", "cuda", "--dtypes", "bf16",
-        "--quant", "4bit", "--shape", "8b", "--seq", "2048", "--grad-ckpt", "--memory",
-        "--no-timing", "--only", "lora", "secura-normalized-m1", "--json", str(path),
-        "--cache", str(out / ".bench-cache"),
+        sys.executable, str(HERE / "speed.py"), *shape, "--quant", "4bit", "--grad-ckpt",
+        "--memory", "--no-timing", "--only", "lora", "secura-normalized-m1",
+        "--json", str(path), "--cache", str(out / ".bench-cache"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
     (out / "speed_8b_4bit.log").write_text(proc.stdout + proc.stderr)
@@ -173,7 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="folder for gpu_check.json and the sections' files")
     p.add_argument("--only", nargs="*", default=["steps", "recipe", "8b"])
     p.add_argument("--budget", type=float, default=450.0, help="seconds; later sections skip")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="run every section on the CPU with tiny sizes: checks the code, measures nothing",
+    )
     args = p.parse_args(argv)
+    global SMOKE
+    SMOKE = args.smoke
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -183,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": platform.node(),
         "torch": torch.__version__,
     }
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not SMOKE:
         reason = (
             "no CUDA device: torch.cuda.is_available() is False (torch "
             f"{torch.__version__}, CUDA build {torch.version.cuda}); this check measures GPU "
@@ -192,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: skipped: {reason}")
         _write(out, {**results, "status": "skipped", "reason": reason})
         return 0
-    results.update(device=torch.cuda.get_device_name(), status="running", sections={})
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (--smoke)"
+    results.update(device=device, smoke=SMOKE, status="running", sections={})
     os.environ.setdefault("TQDM_DISABLE", "1")
     start = time.perf_counter()
     for name in args.only:
