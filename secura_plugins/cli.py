@@ -225,7 +225,7 @@ def _forgetting_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompts",
         help="your prompts for the KL: one per line, or JSON lines with 'prompt' or 'text' "
-        "(default: the probe's questions)",
+        "(default: the probe's questions and bundled general text)",
     )
     four = p.add_mutually_exclusive_group()
     four.add_argument(
