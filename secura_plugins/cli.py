@@ -161,7 +161,7 @@ def _pairs(spec: str) -> list[tuple[str, str]]:
     return load_pairs(spec)
 
 
-def _load_base(path: str, *, four_bit: bool, dtype: str):
+def _load_base(path: str, *, four_bit: bool, dtype: str, double_quant: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -172,7 +172,7 @@ def _load_base(path: str, *, four_bit: bool, dtype: str):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,  # as secura train and axolotl load it
+            bnb_4bit_use_double_quant=double_quant,  # secura train and axolotl use it
             bnb_4bit_compute_dtype=getattr(torch, dtype),
         )
     if torch.cuda.is_available():
@@ -288,17 +288,17 @@ def _forgetting_models(
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    reference = _load_base(base_path, four_bit=four_bit, dtype=dtype)
+    # NF4 as secura train and axolotl load it (double quantization)
+    kwargs = {"four_bit": four_bit, "dtype": dtype, "double_quant": True}
+    reference = _load_base(base_path, **kwargs)
     if ours:
-        model = load_adapter(_load_base(base_path, four_bit=four_bit, dtype=dtype), folder)
+        model = load_adapter(_load_base(base_path, **kwargs), folder)
     elif meta:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(
-            _load_base(base_path, four_bit=four_bit, dtype=dtype), str(folder)
-        )
+        model = PeftModel.from_pretrained(_load_base(base_path, **kwargs), str(folder))
     else:
-        model = _load_base(str(folder), four_bit=four_bit, dtype=dtype)
+        model = _load_base(str(folder), **kwargs)
     kind = "adapter" if meta else "merged model"
     info = {"model": str(folder), "kind": kind, "base": base_path, "four_bit": four_bit}
     return reference, model.eval(), tokenizer, info
