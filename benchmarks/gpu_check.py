@@ -135,7 +135,7 @@ def section_steps(steps: int = 20, warmup: int = 3, batch: int = 16, seq: int = 
             "min_step_s": min(times),
             "max_memory_allocated_MiB": _peak_mib(),
             "trainable": count_parameters(model)["trainable"],
-            "final_loss": float(loss),
+            "final_loss": float(loss.detach()),
         }
         del model, opt, params
         if device == "cuda":
