@@ -6,6 +6,7 @@ Subcommands::
     secura merge ADAPTER --out DIR [--base BASE] [--dtype float32]
     secura eval ADAPTER --probe PAIRS.jsonl|builtin:NAME[:N] [--base BASE] [--load-in-4bit]
                         [--merged-gap]
+    secura forgetting ADAPTER|MERGED [--base BASE] [--prompts FILE] [--out DIR] [--json]
 
 ``train`` runs a recipe (one task or a continual sequence; see
 :mod:`secura_plugins.recipe`) with progress bars and prints a summary; rerun the same
@@ -107,9 +108,10 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 def _adapter_base(adapter: str, base: str | None) -> str:
     from .io import read_adapter_config
+    from .real_model import resolve_model_path
 
     if base:
-        return base
+        return resolve_model_path(base)
     named = read_adapter_config(adapter)["secura"].get("base_model", {}).get("name_or_path")
     if not named:
         raise SecuraConfigError("--base", "the adapter does not name its base model; pass --base")
@@ -168,6 +170,8 @@ def _load_base(path: str, *, four_bit: bool, dtype: str):
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if four_bit:
         kwargs["quantization_config"] = nf4_config(dtype)  # the same as `secura train`
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     keep_4bit_layout(model)
     return model
@@ -207,6 +211,132 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- forgetting
+def _forgetting_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="adapter folder (from any trainer) or merged model folder")
+    p.add_argument(
+        "--base",
+        help="base checkpoint (default: the one the adapter names); "
+        "'smollm2' is the offline SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--prompts",
+        help="your prompts for the KL: one per line, or JSON lines with 'prompt' or 'text' "
+        "(default: the probe's questions and bundled general text)",
+    )
+    four = p.add_mutually_exclusive_group()
+    four.add_argument(
+        "--load-in-4bit",
+        dest="four_bit",
+        action="store_const",
+        const=True,
+        help="load the base in NF4 (default: as the adapter was trained)",
+    )
+    four.add_argument(
+        "--dense",
+        dest="four_bit",
+        action="store_const",
+        const=False,
+        help="load the base dense even if the adapter was trained on an NF4 base",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", help="folder for forgetting.json and forgetting.png")
+    p.add_argument("--json", action="store_true", help="print the JSON report, not the table")
+    p.add_argument(
+        "--topics", type=int, default=None, help="how many bundled topics the base writes on"
+    )
+    p.add_argument(
+        "--text-tokens", type=int, default=1024, help="tokens of bundled general text scored"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _forgetting_models(
+    model_path: str, base: str | None, four_bit: bool | None, dtype: str
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(base, fine-tuned, tokenizer, info) for an adapter folder or a merged model folder.
+
+    An adapter of this library (any method, any trainer) names its base and whether it
+    was trained on an NF4 base (then both models load in NF4 unless ``four_bit`` says
+    otherwise); a plain PEFT adapter names its base too; a merged model needs ``base``.
+    """
+    from transformers import AutoTokenizer
+
+    from .io import load_adapter
+    from .real_model import resolve_model_path
+
+    folder = Path(model_path)
+    meta_path = folder / "adapter_config.json"
+    if not meta_path.is_file() and not (folder / "config.json").is_file():
+        raise SecuraConfigError(
+            "model", f"{folder} holds neither adapter_config.json (an adapter) nor config.json"
+        )
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    ours = isinstance(meta.get("secura"), dict)
+    named = meta.get("base_model_name_or_path")
+    if ours:
+        recorded = meta["secura"].get("base_model") or {}
+        named = recorded.get("name_or_path")
+        four_bit = bool(recorded.get("quantized")) if four_bit is None else four_bit
+    if not (base or named):
+        raise SecuraConfigError("--base", f"{folder} does not name its base model; pass --base")
+    base_path = _adapter_base(str(folder), base) if ours else resolve_model_path(base or named)
+    four_bit = bool(four_bit)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {"four_bit": four_bit, "dtype": dtype}  # NF4 exactly as secura train loads it
+    reference = _load_base(base_path, **kwargs)
+    if ours:
+        model = load_adapter(_load_base(base_path, **kwargs), folder)
+    elif meta:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(_load_base(base_path, **kwargs), str(folder))
+    else:
+        model = _load_base(str(folder), **kwargs)
+    kind = "adapter" if meta else "merged model"
+    info = {"model": str(folder), "kind": kind, "base": base_path, "four_bit": four_bit}
+    return reference, model.eval(), tokenizer, info
+
+
+def _forgetting(args: argparse.Namespace) -> int:
+    from .forgetting import TOPICS, forgetting_report, format_report, load_prompts, plot_report
+    from .io import _atomic_write
+
+    topics = TOPICS if args.topics is None else TOPICS[: args.topics]
+    if args.topics is not None and not 1 <= args.topics <= len(TOPICS):
+        raise SecuraConfigError("--topics", f"must be between 1 and {len(TOPICS)}")
+    if args.text_tokens < 16:
+        raise SecuraConfigError("--text-tokens", "must be at least 16")
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    base, model, tok, info = _forgetting_models(args.model, args.base, args.four_bit, args.dtype)
+    report = info | forgetting_report(
+        base,
+        model,
+        tok,
+        prompts=prompts,
+        topics=topics,
+        max_text_tokens=args.text_tokens,
+        progress=not args.no_progress,
+    )
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(report, indent=2)
+        _atomic_write(out / "forgetting.json", lambda tmp: tmp.write_text(text))
+        plot_report(report, out / "forgetting.png")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    nf4 = " (NF4)" if info["four_bit"] else ""
+    print(f"{info['model']} ({info['kind']}) vs its base {info['base']}{nf4}:")
+    print(format_report(report))
+    if args.out:
+        print(f"written to {Path(args.out) / 'forgetting.json'} and forgetting.png")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 #: The subcommands, in help order. A new subcommand (e.g. ``demo``, kept in its own
 #: module) adds one ``Command(name, help, add_arguments, run)`` entry here.
@@ -240,6 +370,12 @@ COMMANDS: list[Command] = [
     Command("eval", "score an adapter on (prompt, answer) pairs", _eval_args, _eval),
     Command("demo", "3 tasks in a row, LoRA vs SECURA: what each forgets", _demo_args, _demo),
     Command("bench", "the continual-learning lab: forgetting of every method", _bench_args, _bench),
+    Command(
+        "forgetting",
+        "what a fine-tuned model forgot vs its base, with no data from you",
+        _forgetting_args,
+        _forgetting,
+    ),
 ]
 
 

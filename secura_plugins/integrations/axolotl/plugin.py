@@ -152,6 +152,11 @@ class SecuraPlugin(BasePlugin):
     def register(self, cfg: dict) -> None:
         if not is_secura_cfg(cfg):
             return
+        from ...real_model import ALIAS, resolve_model_path
+
+        if cfg.get("base_model") == ALIAS:  # the offline SmolLM2-135M-Instruct checkpoint
+            cfg["base_model"] = resolve_model_path(ALIAS)
+            LOG.info("adapter: secura: base_model: %s is %s", ALIAS, cfg["base_model"])
         enabled = [name for name in FUSED_LORA_KERNEL_FIELDS if cfg.get(name)]
         for name in FUSED_LORA_KERNEL_FIELDS:
             cfg[name] = False
