@@ -144,8 +144,27 @@ def save(path: Path, results: dict) -> None:
     _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
 
 
+def lora_at(results: dict, learned: float) -> tuple[float, float] | None:
+    """LoRA's (kept, NLL rise) at ``learned``, linear between its seed-mean points sorted by
+    learning; None outside the learning range LoRA covered."""
+    by_lr: dict[float, list[dict]] = {}
+    for run in results["runs"]:
+        if run["variant"] == "lora":
+            by_lr.setdefault(run["lr"], []).append(run)
+    points = sorted(
+        tuple(sum(r[k] for r in runs) / len(runs) for k in ("learned", "kept", "nll_rise"))
+        for runs in by_lr.values()
+    )
+    for (l0, k0, n0), (l1, k1, n1) in zip(points, points[1:]):
+        if l0 <= learned <= l1 and l1 > l0:
+            w = (learned - l0) / (l1 - l0)
+            return k0 + w * (k1 - k0), n0 + w * (n1 - n0)
+    return None
+
+
 def table(results: dict) -> str:
-    """Markdown: one row per (variant, lr), mean and spread over seeds."""
+    """Markdown: one row per (variant, lr), mean and spread over seeds, and LoRA at the
+    same learning (interpolated between LoRA's learning rates)."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for run in results["runs"]:
         groups.setdefault((run["variant"], run["lr"]), []).append(run)
@@ -160,14 +179,17 @@ def table(results: dict) -> str:
         return text
 
     lines = [
-        "| variant | lr | seeds | new facts learned | known kept | NLL rise (nats) | s/step |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | lr | seeds | new facts learned | known kept | NLL rise (nats) "
+        "| LoRA at equal learning: kept, NLL rise | s/step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (variant, lr), runs in groups.items():
         sps = sum(r["seconds_per_step"] for r in runs) / len(runs)
+        ref = lora_at(results, sum(r["learned"] for r in runs) / len(runs))
+        same = "n/a" if ref is None or variant == "lora" else f"{ref[0]:.0%}, {ref[1]:+.3f}"
         lines.append(
             f"| {variant} | {lr:g} | {len(runs)} | {cell(runs, 'learned', True)} | "
-            f"{cell(runs, 'kept', True)} | {cell(runs, 'nll_rise', False)} | {sps:.2f} |"
+            f"{cell(runs, 'kept', True)} | {cell(runs, 'nll_rise', False)} | {same} | {sps:.2f} |"
         )
     return "\n".join(lines)
 
@@ -179,7 +201,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--facts", type=int, default=48)
+    parser.add_argument("--facts", type=int, help="facts taught (default: the lab's n_facts)")
     parser.add_argument("--out", default="docs/lab/secura-ablation/results.json")
     parser.add_argument("--table", metavar="RESULTS", help="print the table of a results file")
     args = parser.parse_args()
@@ -187,7 +209,7 @@ def main() -> None:
         print(table(json.loads(Path(args.table).read_text())))
         return
     torch.set_num_threads(1)
-    spec = RealSpec(n_facts=args.facts)
+    spec = RealSpec(n_facts=args.facts) if args.facts else RealSpec()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"runs": []}
     results["setup"] = {
