@@ -111,6 +111,7 @@ def train(model: Any, data: list, *, lr: float, steps: int, batch: int, seed: in
     return {
         "loss_first": losses[0],
         "loss_last": sum(losses[-4:]) / len(losses[-4:]),
+        "losses": [round(v, 4) for v in losses],
         "seconds_per_step": (time.perf_counter() - start) / steps,
         "adapter_stats": stats,
     }
