@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,9 @@ def main() -> None:
         "r": R,
         "base": "SmolLM2-135M-Instruct fp32",
         "torch_threads": 1,
+        "code_commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
     }
     base = real_base(spec)
     results["setup"]["probe_items"] = {f: len(p) for f, p in base.probe.items()}
