@@ -207,6 +207,32 @@ def test_cr_selection_variants(loader, ids, how):
         assert not all(torch.equal(a, c.col_idx) for a, c in zip(first, _cores(other)))
 
 
+@pytest.mark.parametrize("mode", ["off", "normalized", "continuous"])
+def test_a_merge_keeps_the_output_only_where_the_math_is_linear_or_under_m2(loader, ids, mode):
+    """M1 folds the gated fresh change into the ungated frozen path: under a gate the output
+    jumps at every merge (the real-model lab's loss spikes); M2 keeps it gated, so a merge
+    changes nothing."""
+    changed = {}
+    for merge in ("m1", "m2"):
+        model = apply_adapter(
+            loader("llama", "fp32"),
+            AdapterConfig(method="secura", r=4, smagnorm=mode, merge=merge),
+        )
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for c in _cores(model):
+                c.B.copy_(torch.randn(c.B.shape, generator=gen) * 0.3)
+            before = model(ids).logits
+            for c in _cores(model):
+                c.merge_()
+            changed[merge] = float((model(ids).logits - before).abs().max())
+    assert changed["m2"] < 1e-4
+    if mode == "off":
+        assert changed["m1"] < 1e-4
+    else:
+        assert changed["m1"] > 1e-2
+
+
 def test_a_scale_multiplies_the_initial_a(loader):
     one = apply_adapter(loader("llama", "fp32"), AdapterConfig(method="secura", r=4))
     tenth = apply_adapter(loader("llama", "fp32"), AdapterConfig(method="secura", r=4, a_scale=0.1))
