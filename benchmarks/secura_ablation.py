@@ -148,14 +148,18 @@ def save(path: Path, results: dict) -> None:
 
 def lora_at(results: dict, learned: float) -> tuple[float, float] | None:
     """LoRA's (kept, NLL rise) at ``learned``, linear between its seed-mean points sorted by
-    learning; None outside the learning range LoRA covered."""
+    learning, anchored at the untouched base (lr 0: nothing learned, all kept, no rise);
+    None above the learning LoRA reached."""
     by_lr: dict[float, list[dict]] = {}
     for run in results["runs"]:
         if run["variant"] == "lora":
             by_lr.setdefault(run["lr"], []).append(run)
     points = sorted(
-        tuple(sum(r[k] for r in runs) / len(runs) for k in ("learned", "kept", "nll_rise"))
-        for runs in by_lr.values()
+        [(0.0, 1.0, 0.0)]
+        + [
+            tuple(sum(r[k] for r in runs) / len(runs) for k in ("learned", "kept", "nll_rise"))
+            for runs in by_lr.values()
+        ]
     )
     for (l0, k0, n0), (l1, k1, n1) in zip(points, points[1:]):
         if l0 <= learned <= l1 and l1 > l0:
@@ -185,7 +189,8 @@ def table(results: dict) -> str:
         "| LoRA at equal learning: kept, NLL rise | s/step |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (variant, lr), runs in groups.items():
+    first = {v: i for i, v in reversed(list(enumerate(v for v, _ in groups)))}
+    for (variant, lr), runs in sorted(groups.items(), key=lambda g: (first[g[0][0]], g[0][1])):
         sps = sum(r["seconds_per_step"] for r in runs) / len(runs)
         ref = lora_at(results, sum(r["learned"] for r in runs) / len(runs))
         same = "n/a" if ref is None or variant == "lora" else f"{ref[0]:.0%}, {ref[1]:+.3f}"
