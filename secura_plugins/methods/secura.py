@@ -40,6 +40,12 @@ is that intent with the frozen output left alone (the paper's form rescaled so t
 so ``y -> h0`` as ``dh -> 0`` and ``y = h0`` exactly at ``dh = 0`` (there ``S = 2``, and
 ``dh / 2`` keeps the adapter in the graph). ``smagnorm='off'`` is ``y = h0 + dh``.
 
+With a gate on, an M1 merge is not function-preserving: the fresh change enters the
+output as ``dh / S`` (about ``dh / 2`` for most elements) before the merge and as ``dh`` after
+it, inside the ungated frozen path; on the real base the loss jumps from 3.8 to 12.5 at the
+first merge. Under M2 the merged part stays gated and a merge changes nothing
+(BENCHMARKS.md, "SECURA on the real base", where no variant reaches LoRA's frontier).
+
 Which directions C and R keep (``cr_select``): ``smallest`` (the paper), ``largest``,
 ``random`` (seeded per layer) select columns/rows of W; ``svd_minor``/``svd_major`` take the
 ``r`` smallest/largest singular triplets of ``W = U diag(s) V^T`` instead:
