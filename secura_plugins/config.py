@@ -32,10 +32,15 @@ DEFAULT_TARGET_MODULES = (
     "down_proj",
 )
 
-SMAGNORM_MODES = ("normalized", "released", "off")
+SMAGNORM_MODES = ("normalized", "released", "off", "continuous")
 MERGE_STRATEGIES = ("m1", "m2", "none")
 A_INITS = ("orthogonal", "released")
+CR_SELECTIONS = ("smallest", "largest", "random", "svd_minor", "svd_major")
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+#: Fields added after adapters were first saved, with the value that reproduces what those
+#: adapters did. A saved config that lacks one loads with this value, not today's default,
+#: so changing a default never changes an old adapter's behaviour.
+SAVED_DEFAULTS: dict[str, Any] = {"a_scale": 1.0, "cr_select": "smallest"}
 #: Names users bring from PEFT/axolotl configs or the paper, and the field they mean.
 FIELD_ALIASES = {
     "rank": "r",
@@ -81,8 +86,10 @@ class AdapterConfig:
         factory=lambda: list(DEFAULT_TARGET_MODULES),
     )
     smagnorm: str = _help(
-        "SECURA's S-MagNorm gate: 'normalized' (the paper's intent, S in about [1.05, 1.95]), "
-        "'released' (the authors' code, S in (1, 1.5]) or 'off' (plain CABR).",
+        "SECURA's S-MagNorm gate: 'normalized' (the paper's intent as written, y = (2 h0 + dh) "
+        "/ S with S in about [1.05, 1.95]), 'released' (the authors' code, S in (1, 1.5]), "
+        "'continuous' (y = h0 + dh / S: S = 2 averages old and new, S = 1 passes the change; "
+        "y -> h0 as dh -> 0) or 'off' (plain CABR, y = h0 + dh).",
         "normalized",
     )
     smagnorm_scale: float = _help("Sigmoid sharpness s of S-MagNorm (6 in the authors' code).", 6.0)
@@ -98,6 +105,17 @@ class AdapterConfig:
         "Initialisation of SECURA's A: 'orthogonal' (seeded, orthonormal rows scaled to W's "
         "RMS) or 'released' (the authors' code: the top-left r x k block of W).",
         "orthogonal",
+    )
+    a_scale: float = _help(
+        "Multiplier of SECURA's initial A (1 keeps the a_init scale: for 'orthogonal', "
+        "orthonormal rows x RMS(W) x sqrt(k)).",
+        1.0,
+    )
+    cr_select: str = _help(
+        "Which directions of W SECURA's C and R keep: 'smallest' (the paper: the r columns and "
+        "rows of smallest L2 norm), 'largest', 'random' (seeded), or the SVD's 'svd_minor' / "
+        "'svd_major' directions (C = U_r sqrt(s_r), R = sqrt(s_r) V_r^T; one SVD per layer).",
+        "smallest",
     )
     beta: float = _help(
         "SC-LoRA trade-off in [0, 1]: larger keeps more of the preserved knowledge.", 0.5
@@ -131,6 +149,8 @@ class AdapterConfig:
         _check_choice("smagnorm", self.smagnorm, SMAGNORM_MODES)
         _check_choice("merge", self.merge, MERGE_STRATEGIES)
         _check_choice("a_init", self.a_init, A_INITS)
+        _check_choice("cr_select", self.cr_select, CR_SELECTIONS)
+        _check_number("a_scale", self.a_scale, low=0.0, low_open=True)
         _check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         _check_number("smagnorm_scale", self.smagnorm_scale, low=0.0, low_open=True)
         _check_number("beta", self.beta, low=0.0, high=1.0)
@@ -185,6 +205,17 @@ class AdapterConfig:
                     str(key), f"unknown field; {fix}valid fields: {', '.join(names)}"
                 )
         return cls(**data)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Build from a config saved with an adapter: missing later fields take
+        :data:`SAVED_DEFAULTS` (the behaviour the adapter was trained with).
+
+        Example:
+            >>> AdapterConfig.from_saved({"method": "secura", "r": 4}).cr_select
+            'smallest'
+        """
+        return cls.from_dict({**SAVED_DEFAULTS, **dict(data)})
 
     @staticmethod
     def describe() -> dict[str, str]:

@@ -441,7 +441,7 @@ def load_adapter(
             "(use model.load_adapter(path) to reload weights into an adapted model)"
         )
     try:
-        config = AdapterConfig.from_dict(block["config"])
+        config = AdapterConfig.from_saved(block["config"])
     except SecuraConfigError as err:
         raise AdapterLoadError(
             f"{folder}: its adapter config is not valid here ({err}). If it names a method from "

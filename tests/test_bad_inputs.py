@@ -188,7 +188,7 @@ def _nan_save(tmp: Path) -> None:
 LAYERS = "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
 FIELDS = (
     "method, r, k, target_modules, smagnorm, smagnorm_scale, merge, merge_every, output_bias, "
-    "a_init, beta, lora_alpha, lora_dropout, adapter_dtype, eps, seed"
+    "a_init, a_scale, cr_select, beta, lora_alpha, lora_dropout, adapter_dtype, eps, seed"
 )
 CE = "secura: config error: "
 

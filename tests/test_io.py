@@ -238,3 +238,26 @@ def test_export_refuses_what_it_cannot_write(loader, ids, tmp_path):
     with pytest.raises(ExportError, match="output_bias: false"):
         export_merged(qwen, tmp_path / "qwen-merged")
     assert not (tmp_path / "qwen-merged").exists()
+
+
+def test_an_adapter_saved_before_the_variant_fields_loads_as_saved(
+    trained, loader, ids, monkeypatch
+):
+    """Configs written before a_scale/cr_select existed load with SAVED_DEFAULTS (the
+    behaviour they were trained with), whatever today's defaults are."""
+    from secura_plugins.config import SAVED_DEFAULTS
+
+    model, folder = trained
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    for key in SAVED_DEFAULTS:
+        del meta["secura"]["config"][key]
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    loaded = load_adapter(loader("llama"), folder)
+    assert {k: getattr(loaded.secura_config, k) for k in SAVED_DEFAULTS} == SAVED_DEFAULTS
+    assert SAVED_DEFAULTS == {"a_scale": 1.0, "cr_select": "smallest"}
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    config = AdapterConfig.from_saved({"method": "secura", "r": 4, "cr_select": "largest"})
+    assert config.cr_select == "largest"  # what was saved wins
+    # Loading goes through SAVED_DEFAULTS, not the dataclass defaults of the day.
+    monkeypatch.setattr("secura_plugins.config.SAVED_DEFAULTS", {"cr_select": "random"})
+    assert load_adapter(loader("llama"), folder).secura_config.cr_select == "random"

@@ -104,7 +104,7 @@ def test_smagnorm_gate_ranges_and_the_zero_case():
     assert torch.equal(zero, torch.full_like(h0, 2.0))
 
 
-@pytest.mark.parametrize("mode", ["normalized", "released", "off"])
+@pytest.mark.parametrize("mode", ["normalized", "released", "off", "continuous"])
 def test_every_smagnorm_mode_starts_exact_and_gets_gradients(loader, ids, mode):
     base = loader("llama", "fp32")
     with torch.no_grad():
@@ -116,6 +116,149 @@ def test_every_smagnorm_mode_starts_exact_and_gets_gradients(loader, ids, mode):
     grads = [core.B.grad for core in _cores(model)]
     # The trap of returning h0 alone when dh == 0: B would get no gradient at all.
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def _expected_output(layer, x, mode: str, merge: str, scale: float = 6.0, eps: float = 1e-6):
+    """The layer's output written from METHODS.md 1.2 and the secura docstring, by hand."""
+    c = layer.lora_core["default"]
+    C, R = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+    s = layer.scaling["default"]
+    frozen = F.linear(x, layer.get_base_layer().weight, layer.get_base_layer().bias)
+    merged = x @ (s * C @ c.u_acc @ R).T
+    fresh = x @ (s * C @ c.A @ c.B @ R).T + c.bias
+    h0, dh = (frozen + merged, fresh) if merge == "m1" else (frozen, merged + fresh)
+    if mode == "off":
+        return h0 + dh
+    rel = dh.abs() / (h0.abs() + eps)
+    if mode in ("normalized", "continuous"):
+        rel = rel / rel.amax(dim=-1, keepdim=True) - 0.5
+    S = 2 - torch.sigmoid(scale * rel)
+    if mode == "continuous":
+        return h0 + dh / S
+    return (h0 + (h0 + dh)) / S
+
+
+@pytest.mark.parametrize("merge", ["m1", "m2"])
+@pytest.mark.parametrize("mode", ["off", "released", "normalized", "continuous"])
+def test_each_gate_mode_computes_its_equation(loader, mode, merge):
+    config = AdapterConfig(
+        method="secura", r=4, smagnorm=mode, merge=merge, output_bias=True, lora_alpha=8
+    )
+    model = apply_adapter(loader("llama", "fp32"), config)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for c in _cores(model):
+            c.u_acc.copy_(torch.randn(c.u_acc.shape, generator=gen) * 0.3)
+            c.B.copy_(torch.randn(c.B.shape, generator=gen) * 0.3)
+            c.bias.copy_(torch.randn(c.bias.shape, generator=gen) * 0.1)
+        for name, layer in _layers(model).items():
+            assert layer.scaling["default"] == 2.0  # lora_alpha / r
+            x = torch.randn(2, 3, layer.get_base_layer().in_features, generator=gen)
+            expected = _expected_output(layer, x, mode, merge)
+            assert torch.allclose(layer(x), expected, atol=1e-5, rtol=1e-5), (mode, name)
+
+
+def test_continuous_gate_tends_to_h0_where_the_paper_gates_jump(loader, ids):
+    """As dh -> 0 the continuous gate returns h0; normalized and released scale h0 by 2/S."""
+    gaps = {}
+    for mode in ("continuous", "normalized", "released", "off"):
+        model = apply_adapter(
+            loader("llama", "fp32"), AdapterConfig(method="secura", r=4, smagnorm=mode)
+        )
+        with torch.no_grad():
+            for c in _cores(model):
+                c.B.copy_(torch.full_like(c.B, 1e-7))
+            layer = next(iter(_layers(model).values()))
+            x = torch.randn(4, layer.get_base_layer().in_features)
+            h0 = layer.get_base_layer()(x)
+            gaps[mode] = float((layer(x) - h0).abs().max() / h0.abs().max())
+    assert gaps["continuous"] < 1e-5 and gaps["off"] < 1e-5
+    assert gaps["released"] > 0.2  # S = 1.5: y = 4/3 h0
+    assert gaps["normalized"] > 0.01
+
+
+def test_continuous_gate_trains_a_and_b(loader, ids):
+    model = apply_adapter(
+        loader("llama", "fp32"), AdapterConfig(method="secura", r=4, smagnorm="continuous")
+    )
+    train_steps(model, ids, steps=1)  # B non-zero, so A gets gradients too
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for c in _cores(model):
+        assert c.A.grad.abs().sum() > 0 and c.B.grad.abs().sum() > 0
+    assert 1.0 < adapter_stats(model)["secura/gate_mean"] < 2.0
+
+
+@pytest.mark.parametrize("how", ["largest", "random", "svd_minor", "svd_major"])
+def test_cr_selection_variants(loader, ids, how):
+    base = loader("llama", "fp32")
+    with torch.no_grad():
+        reference = base(ids).logits
+    model = apply_adapter(base, AdapterConfig(method="secura", r=4, cr_select=how))
+    out = model(input_ids=ids, labels=ids)
+    assert torch.equal(out.logits, reference)
+    out.loss.backward()
+    assert all(c.B.grad.abs().sum() > 0 for c in _cores(model))
+    for name, layer in _layers(model).items():
+        w = base_weight(layer)
+        core = layer.lora_core["default"]
+        C, R = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+        if how.startswith("svd"):
+            U, sv, Vh = torch.linalg.svd(w, full_matrices=False)
+            keep = slice(0, 4) if how == "svd_major" else slice(len(sv) - 4, len(sv))
+            assert torch.allclose(C @ R, U[:, keep] @ torch.diag(sv[keep]) @ Vh[keep], atol=1e-5)
+            assert torch.allclose(C.norm(dim=0) ** 2, sv[keep], rtol=1e-4), name
+            assert (core.col_idx == -1).all()
+            continue
+        assert len(set(core.col_idx.tolist())) == len(set(core.row_idx.tolist())) == 4
+        assert torch.equal(C, w[:, core.col_idx]) and torch.equal(R, w[core.row_idx, :])
+        if how == "largest":
+            cols = w.norm(dim=0).topk(4).indices.sort().values
+            assert torch.equal(core.col_idx, cols), name
+            assert torch.equal(core.row_idx, w.norm(dim=1).topk(4).indices.sort().values)
+    if how == "random":
+        other = apply_adapter(
+            loader("llama", "fp32"), AdapterConfig(method="secura", r=4, cr_select=how, seed=1)
+        )
+        again = apply_adapter(
+            loader("llama", "fp32"), AdapterConfig(method="secura", r=4, cr_select=how)
+        )
+        first = [c.col_idx for c in _cores(model)]
+        assert all(torch.equal(a, c.col_idx) for a, c in zip(first, _cores(again)))
+        assert not all(torch.equal(a, c.col_idx) for a, c in zip(first, _cores(other)))
+
+
+@pytest.mark.parametrize("mode", ["off", "normalized", "continuous"])
+def test_a_merge_keeps_the_output_only_where_the_math_is_linear_or_under_m2(loader, ids, mode):
+    """M1 folds the gated fresh change into the ungated frozen path: under a gate the output
+    jumps at every merge (the real-model lab's loss spikes); M2 keeps it gated, so a merge
+    changes nothing."""
+    changed = {}
+    for merge in ("m1", "m2"):
+        model = apply_adapter(
+            loader("llama", "fp32"),
+            AdapterConfig(method="secura", r=4, smagnorm=mode, merge=merge),
+        )
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for c in _cores(model):
+                c.B.copy_(torch.randn(c.B.shape, generator=gen) * 0.3)
+            before = model(ids).logits
+            for c in _cores(model):
+                c.merge_()
+            changed[merge] = float((model(ids).logits - before).abs().max())
+    assert changed["m2"] < 1e-4
+    if mode == "off":
+        assert changed["m1"] < 1e-4
+    else:
+        assert changed["m1"] > 1e-2
+
+
+def test_a_scale_multiplies_the_initial_a(loader):
+    one = apply_adapter(loader("llama", "fp32"), AdapterConfig(method="secura", r=4))
+    tenth = apply_adapter(loader("llama", "fp32"), AdapterConfig(method="secura", r=4, a_scale=0.1))
+    for a, b in zip(_cores(one), _cores(tenth)):
+        assert torch.allclose(b.A, a.A * 0.1) and not torch.allclose(b.A, a.A)
 
 
 def test_gate_mean_is_reported_after_a_forward(loader, ids):

@@ -130,16 +130,22 @@ def attach_cur(
     """Fill ``lora_A``/``lora_B`` with R/C and install ``core`` + ``variant`` on ``layer``.
 
     ``select(weight) -> (col_idx, row_idx)`` picks J and I from the dense fp32 weight;
-    it runs only when ``init`` is true. Otherwise zero tensors of the right shapes are
-    allocated, to be filled from a saved adapter.
+    it runs only when ``init`` is true. ``select`` may instead return
+    ``(col_idx, row_idx, C, R)`` with factors that are not columns/rows of W (SVD
+    directions); the indices are then recorded as given (-1: no column of W). Otherwise
+    zero tensors of the right shapes are allocated, to be filled from a saved adapter.
     """
     d_out, d_in, dtype, device = begin_attach(layer, adapter_name, config)
     r = config.r
     if init:
         weight = base_weight(layer)
-        cols, rows = select(weight)
-        C = weight[:, cols].to(dtype).contiguous()
-        R = weight[rows, :].to(dtype).contiguous()
+        chosen = select(weight)
+        cols, rows = chosen[0], chosen[1]
+        if len(chosen) == 4:
+            C, R = chosen[2].to(dtype).contiguous(), chosen[3].to(dtype).contiguous()
+        else:
+            C = weight[:, cols].to(dtype).contiguous()
+            R = weight[rows, :].to(dtype).contiguous()
         with torch.no_grad():
             core.col_idx.copy_(cols)
             core.row_idx.copy_(rows)

@@ -11,7 +11,8 @@ steps ``U_acc += A @ B`` and ``B = 0`` (A, the output bias and the optimizer sta
 kept). Because C and R never change, this equals writing ``C (A B) R`` into W (the
 paper's M1) exactly, works on 4-bit bases and leaves the base checkpoint untouched.
 
-S-MagNorm gates the output change, per token and output channel::
+S-MagNorm gates the output change, per token and output channel. The paper's equations
+(``smagnorm='normalized'`` and ``'released'``)::
 
     h0 = x W^T + b  (+ x (C U_acc R)^T under M1: merged updates join the frozen path)
     dh = x (C A B R)^T (+ x (C U_acc R)^T under M2) + b_L
@@ -20,9 +21,36 @@ S-MagNorm gates the output change, per token and output channel::
     y  = (h0 + (h0 + dh)) / S
 
 ``norm`` is ``L / max(L) - 0.5`` with the max over the output channels of each token
-(``normalized``, the paper's intent) or ``L`` itself (``released``, the authors' code).
-Where ``dh`` is zero for a whole token, ``S = 2`` and ``y = h0`` exactly, while ``dh``
-stays in the autograd graph so training can start.
+(``normalized``, the paper's intent as the project first read it) or ``L`` itself
+(``released``, the authors' code). Where ``dh`` is zero for a whole token, ``S = 2`` and
+``y = h0`` exactly, while ``dh`` stays in the autograd graph so training can start.
+
+Both are discontinuous at ``dh = 0``: as ``dh -> 0`` (but not zero), ``y -> 2 h0 / S``,
+which is ``h0`` only when ``S = 2``. ``released`` gives ``S = 1.5`` there (``y = 4/3 h0``);
+``normalized`` gives ``S`` between 1.05 and 1.95 per element (``y`` up to ``1.9 h0``),
+whether or not anything was learned. S-MagNorm's stated intent is "damp small relative
+changes toward averaging old and new, let large ones pass": averaging old and new is
+``(h0 + (h0 + dh)) / 2 = h0 + dh / 2`` and passing is ``h0 + dh``. ``smagnorm='continuous'``
+is that intent with the frozen output left alone (the paper's form rescaled so that every
+``S`` maps ``h0`` to itself)::
+
+    S  = 2 - sigmoid(s * (L / max(L) - 0.5))         (as 'normalized', detached)
+    y  = h0 + dh / S                                 (S = 2: h0 + dh/2;  S = 1: h0 + dh)
+
+so ``y -> h0`` as ``dh -> 0`` and ``y = h0`` exactly at ``dh = 0`` (there ``S = 2``, and
+``dh / 2`` keeps the adapter in the graph). ``smagnorm='off'`` is ``y = h0 + dh``.
+
+With a gate on, an M1 merge is not function-preserving: the fresh change enters the
+output as ``dh / S`` (about ``dh / 2`` for most elements) before the merge and as ``dh`` after
+it, inside the ungated frozen path; on the real base the loss jumps from 3.8 to 12.5 at the
+first merge. Under M2 the merged part stays gated and a merge changes nothing
+(BENCHMARKS.md, "SECURA on the real base", where no variant reaches LoRA's frontier).
+
+Which directions C and R keep (``cr_select``): ``smallest`` (the paper), ``largest``,
+``random`` (seeded per layer) select columns/rows of W; ``svd_minor``/``svd_major`` take the
+``r`` smallest/largest singular triplets of ``W = U diag(s) V^T`` instead:
+``C = U_r diag(sqrt(s_r))``, ``R = diag(sqrt(s_r)) V_r^T`` (one SVD per layer at attach;
+cheap on small models, minutes on an 8B model). ``a_scale`` multiplies A's initial value.
 
 Example:
     >>> import torch
@@ -105,6 +133,10 @@ class SecuraCore(CURCore):
         )
 
 
+#: Gate modes whose S uses ``L / max(L) - 0.5``.
+NORMALIZED_MODES = ("normalized", "continuous")
+
+
 def smagnorm_gate(
     h0: torch.Tensor, dh: torch.Tensor, *, mode: str, scale: float, eps: float
 ) -> torch.Tensor:
@@ -112,7 +144,7 @@ def smagnorm_gate(
     with torch.no_grad():
         rel = dh.abs() / (h0.abs() + eps)
         peak = rel.amax(dim=-1, keepdim=True)
-        if mode == "normalized":
+        if mode in NORMALIZED_MODES:
             rel = rel / peak.clamp_min(torch.finfo(rel.dtype).tiny) - 0.5
         gate = 2.0 - torch.sigmoid(scale * rel)
         # A token whose adapter output is exactly zero passes h0 unchanged (S = 2).
@@ -133,7 +165,7 @@ def _half_inverse_gate_(
     rel = dh.abs_().div_((h0.abs_() if own_h0 else h0.abs()).add_(eps))
     peak = rel.amax(dim=-1, keepdim=True)
     live = peak > 0
-    if mode == "normalized":  # z = scale * (rel / peak - 0.5)
+    if mode in NORMALIZED_MODES:  # z = scale * (rel / peak - 0.5)
         a = torch.where(live, -scale / peak.clamp_min(torch.finfo(rel.dtype).tiny), 0.0)
         b = torch.where(live, 0.5 * scale, math.inf)
     else:  # released: z = scale * rel
@@ -169,6 +201,8 @@ class SecuraVariant(CURVariant):
     Export merges the linear part ``W + scaling * C (U_acc + A B) R`` (and ``b_L`` into
     the bias): exactly the adapted model when ``smagnorm='off'``, the un-gated update
     otherwise.
+
+    ``continuous`` runs ``y = h0 + (dh / 2) * (2 / S)`` with the same detached gate.
 
     With the gate on, ``y = (2 h0 + dh) / S = (h0 + dh / 2) * (2 / S)``: autograd sees one
     low-rank update of ``h0`` times a detached gate, so the backward costs one
@@ -209,6 +243,18 @@ class SecuraVariant(CURVariant):
                 own_h0=core.merge == "m1",
             )
             del gate_h0, dh
+        if core.smagnorm == "continuous":
+            # y = h0 (+ merged under M1) + (dh / 2) * (2 / S): only the change is gated.
+            if core.merge == "m1":
+                h0 = torch.addmm(h0, F.linear(t, merged), C.T)
+                half = fresh * 0.5
+            else:
+                half = (merged + fresh) * 0.5
+            change = F.linear(F.linear(t, half), C)
+            if core.bias is not None:
+                change = change + core.bias * 0.5
+            y = h0 + _ScaleByGate.apply(change, gate)
+            return y.view(result.shape)
         # total = h0 (+ merged under M1) + dh / 2: one rank-r update with gradients.
         half = merged + fresh * 0.5 if core.merge == "m1" else (merged + fresh) * 0.5
         total = torch.addmm(h0, F.linear(t, half), C.T)
@@ -249,14 +295,14 @@ class SecuraMethod(AdapterMethod):
             device=layer_device(layer),
         )
 
-        def select(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # Deterministic: the r columns and rows of smallest L2 norm, no duplicates.
+        def select(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
             col_sq, row_sq = squared_norms(weight)
-            cols = torch.topk(col_sq, r, largest=False).indices
-            rows = torch.topk(row_sq, r, largest=False).indices
             if init:
-                _init_a(core.A, weight, config, layer_name, mean_sq=float(row_sq.sum()) / weight.numel())
-            return cols.sort().values, rows.sort().values
+                mean_sq = float(row_sq.sum()) / weight.numel()
+                _init_a(core.A, weight, config, layer_name, mean_sq=mean_sq)
+            return select_directions(
+                weight, r, config.cr_select, col_sq, row_sq, layer_seed(config.seed, layer_name)
+            )
 
         attach_cur(layer, adapter_name, config, core, SecuraVariant, select=select, init=init)
 
@@ -293,12 +339,50 @@ def _init_a(
         block = weight[:r, :k]
         A.zero_()
         A[: block.shape[0], : block.shape[1]].copy_(block.to(A.dtype))
-        return
-    # Orthonormal rows (k >= r), scaled to W's RMS so the update's scale matches W's.
-    gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer_name))
-    q, _ = torch.linalg.qr(torch.randn(k, r, generator=gen, dtype=torch.float32))
-    rms = mean_sq**0.5
-    A.copy_((q.T * rms * (k**0.5)).to(A.dtype))
+    else:
+        # Orthonormal rows (k >= r), scaled to W's RMS so the update's scale matches W's.
+        gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer_name))
+        q, _ = torch.linalg.qr(torch.randn(k, r, generator=gen, dtype=torch.float32))
+        rms = mean_sq**0.5
+        A.copy_((q.T * rms * (k**0.5)).to(A.dtype))
+    if config.a_scale != 1.0:
+        A.mul_(config.a_scale)
+
+
+@torch.no_grad()
+def select_directions(
+    weight: torch.Tensor,
+    r: int,
+    how: str,
+    col_sq: torch.Tensor,
+    row_sq: torch.Tensor,
+    seed: int,
+) -> tuple[torch.Tensor, ...]:
+    """SECURA's ``(col_idx, row_idx)`` (sorted, no duplicates) or, for the SVD choices,
+    ``(-1s, -1s, C, R)`` with ``C = U_r sqrt(s_r)`` and ``R = sqrt(s_r) V_r^T``.
+
+    Example:
+        >>> import torch
+        >>> w = torch.diag(torch.tensor([3.0, 1.0, 2.0]))
+        >>> cols, rows = select_directions(w, 1, "largest", *squared_norms(w), seed=0)
+        >>> cols.tolist(), rows.tolist()
+        ([0], [0])
+    """
+    if how in ("smallest", "largest"):
+        big = how == "largest"
+        cols = torch.topk(col_sq, r, largest=big).indices
+        rows = torch.topk(row_sq, r, largest=big).indices
+        return cols.sort().values, rows.sort().values
+    if how == "random":
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        cols = torch.randperm(weight.shape[1], generator=gen)[:r]
+        rows = torch.randperm(weight.shape[0], generator=gen)[:r]
+        return cols.sort().values.to(weight.device), rows.sort().values.to(weight.device)
+    U, sv, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    idx = slice(0, r) if how == "svd_major" else slice(sv.shape[0] - r, sv.shape[0])
+    root = sv[idx].sqrt()
+    none = torch.full((r,), -1, dtype=torch.long, device=weight.device)
+    return none, none.clone(), U[:, idx] * root, root[:, None] * Vh[idx]
 
 
 def secura_cores(model: nn.Module) -> list[SecuraCore]:
@@ -336,4 +420,11 @@ def secura_step_end(model: nn.Module, step: int) -> dict[str, float] | None:
     return secura_stats(cores)
 
 
-__all__ = ["SecuraCore", "SecuraMethod", "SecuraVariant", "smagnorm_gate", "CORE_ATTR"]
+__all__ = [
+    "CORE_ATTR",
+    "SecuraCore",
+    "SecuraMethod",
+    "SecuraVariant",
+    "select_directions",
+    "smagnorm_gate",
+]

@@ -160,7 +160,8 @@ class SecuraSettings(_StrictBlock):
         "lora_target_modules (or 'all-linear' with lora_target_linear: true).",
     )
     smagnorm: str | None = Field(
-        default=None, description="S-MagNorm gate: normalized (default), released or off."
+        default=None,
+        description="S-MagNorm gate: normalized (default), released, continuous or off.",
     )
     smagnorm_scale: float | None = Field(default=None, description="S-MagNorm sigmoid sharpness.")
     merge: str | None = Field(
@@ -170,6 +171,14 @@ class SecuraSettings(_StrictBlock):
     output_bias: bool | None = Field(default=None, description="Train SECURA's output bias b_L.")
     a_init: str | None = Field(
         default=None, description="Init of SECURA's A: orthogonal, released."
+    )
+    a_scale: float | None = Field(
+        default=None, description="Multiplier of SECURA's initial A (1: the a_init scale)."
+    )
+    cr_select: str | None = Field(
+        default=None,
+        description="SECURA's C/R directions: smallest (default), largest, random, svd_minor, "
+        "svd_major.",
     )
     beta: float | None = Field(
         default=None, description="SC-LoRA preservation trade-off in [0, 1]."
