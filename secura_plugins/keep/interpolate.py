@@ -58,7 +58,8 @@ def scale_update(model: Any, alpha: float) -> int:
     with torch.no_grad():
         for layer in layers.values():
             layer.scaling[name] = layer.scaling[name] * float(alpha)
-            core = getattr(layer, CORE_ATTR, {}).get(name) if hasattr(layer, CORE_ATTR) else None
+            cores = getattr(layer, CORE_ATTR, None)
+            core = cores[name] if cores is not None and name in cores else None
             bias = getattr(core, "bias", None)
             if isinstance(bias, torch.Tensor):
                 bias.mul_(float(alpha))

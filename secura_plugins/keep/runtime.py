@@ -207,6 +207,12 @@ class Keep:
         """Rows (see :meth:`ensure_rows`), mixing into ``trainer.train_dataset``, cache."""
         if self._prepared_for == id(trainer.train_dataset):
             return
+        if self.config.anchors and getattr(trainer.args, "loss_type", None) == "chunked_nll":
+            raise SecuraConfigError(
+                "keep.kl_lambda", "the KL anchor needs the model's logits, which TRL's "
+                "loss_type='chunked_nll' (its default) never builds; pass "
+                "SFTConfig(loss_type='nll'), or set kl_lambda: 0"
+            )
         from ..continual.replay import ReplayBuffer
 
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
