@@ -80,8 +80,8 @@ class KeepConfig:
     kl_topk: int = 64
     max_new_tokens: int = 24
     max_seconds: float = 600.0
-    temperature: float = 1.0
-    top_p: float = 0.95
+    temperature: float = 0.7
+    top_p: float = 0.9
     batch_size: int = 16
     format: str = "auto"
     seed: int = 0

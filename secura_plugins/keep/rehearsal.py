@@ -3,9 +3,9 @@
 Before a task, the model with its adapter disabled (PEFT's ``disable_adapter()``: the
 base, on a 4-bit base too, with no second copy) writes prompts and answers them:
 
-* **task-shaped prompts**: a seeded task prompt is cut to a prefix of its first few
-  tokens and the base *samples* the rest, as many tokens as the original prompt had
-  (``"The capital of"`` -> ``"The capital of Spain is"``);
+* **task-shaped prompts**: a seeded task prompt loses its last few tokens (up to a
+  third) and the base *samples* as many new ones
+  (``"The capital of France is"`` -> ``"The capital of"`` -> ``"The capital of Brazil is"``);
 * **generic prompts**: a seeded stem from :data:`GENERIC_STEMS` (questions,
   instructions, statements) continued by sampling up to the end of the sentence.
 
@@ -97,12 +97,16 @@ def _generate(
     config: KeepConfig, seed: int,
 ) -> list[str]:
     """Continuations of ``texts`` (left-padded batch), decoded without special tokens."""
-    side = tokenizer.padding_side
+    side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
+    if pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     try:
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
+        if pad_token is None:
+            tokenizer.pad_token = None
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens}
@@ -209,8 +213,9 @@ def _prompt_batch(
         kind = rng.choices(kinds, weights=weights)[0]
         if kind == "task":
             ids = _tokens(tokenizer, rng.choice(task_prompts))
-            cut = rng.randint(1, max(1, len(ids) // 2))
-            batch.append((kind, tokenizer.decode(ids[:cut]), max(2, len(ids) - cut)))
+            resample = rng.randint(1, max(1, len(ids) // 3 + 1))  # the last words change
+            cut = max(1, len(ids) - resample)
+            batch.append((kind, tokenizer.decode(ids[:cut]), max(1, len(ids) - cut)))
         else:
             batch.append((kind, rng.choice(GENERIC_STEMS), 16))
     return batch
@@ -230,8 +235,10 @@ def _sample_prompts(
             ids = _tokens(tokenizer, cont)[:n]
             text = prefix + tokenizer.decode(ids)
             text = text.split("\n", 1)[0]
-        else:
+        elif cont[:1].isspace():  # a new word after the stem, not "Explain-the-..."
             text = prefix + _first_sentence(cont)
+        else:
+            text = ""
         prompts.append(text.rstrip())
     return prompts
 
