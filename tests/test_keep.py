@@ -187,3 +187,29 @@ def test_bad_keep_settings_name_the_field():
         KeepConfig(ratio=1.0)
     with pytest.raises(SecuraConfigError, match="keep.preset"):
         KeepConfig.coerce("kepp")
+
+
+def test_recipe_keep_block_runs_rehearsal_and_kl_per_task(tmp_path):
+    from secura_plugins.errors import SecuraConfigError
+    from secura_plugins.recipe import Recipe, run_recipe
+
+    keep = {"rehearsal": 6, "ratio": 0.3, "max_new_tokens": 4, "kl_on_task": True}
+    recipe = Recipe.from_dict({
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"tiny": "llama"},
+        "adapter": {"method": "lora", "r": 4},
+        "training": {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1,
+                     "learning_rate": 1e-2, "use_cpu": True},
+        "tasks": [{"name": "add", "data": {"builtin": "add", "n": 16}},
+                  {"name": "upper", "data": {"builtin": "upper", "n": 16}}],
+        "continual": {"keep": keep},
+    })
+    run_recipe(recipe, progress=False)
+    for i, name in enumerate(["add", "upper"]):
+        task_dir = tmp_path / "run" / f"task-{i}-{name}"
+        assert (task_dir / REHEARSAL_FILE).is_file()
+        state = json.loads(next(task_dir.glob("checkpoint-*/trainer_state.json")).read_text())
+        assert max(h.get("keep/kl", 0.0) for h in state["log_history"]) > 0
+    with pytest.raises(SecuraConfigError, match="keep.kl_lamda"):
+        Recipe.from_dict({"model": {"tiny": "llama"}, "tasks": [{"data": {"builtin": "add"}}],
+                          "continual": {"keep": {"kl_lamda": 1}}})
