@@ -40,6 +40,7 @@ from typing import Any
 from ..errors import SecuraConfigError
 from .base import BaseSpec, pretrain_base
 from .data import TASK_ORDER, task_sequence
+from .real import REAL_DEFAULT_LRS, RealSpec, real_base
 from .report import format_table, plot_frontier, plot_retention, summarize
 from .runner import METHODS, RunSettings, method_spec, run_sequence
 
@@ -63,6 +64,10 @@ DEFAULT_LRS: dict[str, float] = {
     "secura-r16": 3e-2,
 }
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+#: The real-model lab's sweep grid (full fine-tuning needs ~30x smaller rates than LoRA).
+REAL_LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+#: The real-model lab's methods (the issue's priority list).
+REAL_METHODS = ["lora", "full", "secura", "curlora", "lora+ewc", "lora+replay"]
 #: The methods of the issue (``secura bench`` runs these unless told otherwise).
 MAIN_METHODS = [
     "full",
@@ -89,10 +94,10 @@ class LabConfig:
     methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     settings: RunSettings = field(default_factory=RunSettings)
-    base: BaseSpec = field(default_factory=BaseSpec)
+    base: BaseSpec | RealSpec = field(default_factory=BaseSpec)
     lrs: dict[str, float] = field(default_factory=dict)
     sweep: bool = False
-    lr_grid: tuple[float, ...] = LR_GRID
+    lr_grid: tuple[float, ...] | dict[str, tuple[float, ...]] = LR_GRID
     sweep_tasks: int = 1
     sweep_only: bool = False
     match: float = 0.9
@@ -101,12 +106,16 @@ class LabConfig:
     threads: int | None = 1
 
     def __post_init__(self) -> None:
+        real = isinstance(self.base, RealSpec)
+        names = self.base.task_names() if real else TASK_ORDER
         if isinstance(self.tasks, int):
-            self.tasks = task_sequence(self.tasks)
+            if real and not 1 <= self.tasks <= len(names):
+                raise SecuraConfigError("tasks", f"must be in [1, {len(names)}], got {self.tasks}")
+            self.tasks = names[: self.tasks] if real else task_sequence(self.tasks)
         for tag in self.tasks:
-            if tag not in TASK_ORDER:
+            if tag not in names:
                 raise SecuraConfigError(
-                    "tasks", f"unknown lab task {tag!r}; choose from {', '.join(TASK_ORDER)}"
+                    "tasks", f"unknown lab task {tag!r}; choose from {', '.join(names)}"
                 )
         if not self.methods:
             raise SecuraConfigError("methods", "give at least one method")
@@ -142,12 +151,43 @@ class LabConfig:
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    @classmethod
+    def real(cls, *, quick: bool = False, four_bit: bool = False, **overrides: Any) -> LabConfig:
+        """The real-model lab (SmolLM2-135M-Instruct, :mod:`~secura_plugins.lab.real`).
+
+        Full: the 4 real tasks, 32 steps x batch 8 per task. ``quick``: the first task
+        only, 12 facts, 16 steps (a few minutes on one core, for the tests).
+        """
+        spec = RealSpec(four_bit=four_bit, n_facts=12, n_eval=8) if quick else None
+        kwargs: dict[str, Any] = {
+            "tasks": 1 if quick else 4,
+            "methods": ["lora", "secura"] if four_bit else list(REAL_METHODS),
+            "seeds": [0] if quick else [0, 1],
+            "settings": RunSettings(
+                steps=16 if quick else 32, batch_size=8, n_train=256, n_eval=16, max_length=96
+            ),
+            "base": spec or RealSpec(four_bit=four_bit),
+            "lr_grid": (3e-4, 1e-3) if quick else REAL_LR_GRID,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def grid_for(self, family: str) -> tuple[float, ...]:
+        """The sweep's learning rates for ``family`` (a per-family grid, else the shared one)."""
+        if isinstance(self.lr_grid, dict):
+            return tuple(self.lr_grid.get(family, REAL_LR_GRID))
+        return tuple(self.lr_grid)
+
     def lr_for(self, family: str) -> float:
-        return self.lrs.get(family, DEFAULT_LRS.get(family, 1e-3))
+        defaults = REAL_DEFAULT_LRS if isinstance(self.base, RealSpec) else DEFAULT_LRS
+        return self.lrs.get(family, defaults.get(family, 1e-3))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["lr_grid"] = list(self.lr_grid)
+        grid = self.lr_grid
+        data["lr_grid"] = (
+            {f: list(v) for f, v in grid.items()} if isinstance(grid, dict) else list(grid)
+        )
         return data
 
 
@@ -204,19 +244,25 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
         ):
             previous = {}  # different lab: start over (the file is rewritten below)
     with _threads(cfg.threads):
-        base = pretrain_base(cfg.base, cache_dir=cfg.cache_dir, progress=progress)
-        if base.recall < cfg.base.recall_target:
-            logger.warning("the base recalls only %.3f of its knowledge", base.recall)
-        results: dict[str, Any] = {
-            "config": config,
-            "base": {"path": str(base.path), "recall": base.recall, "steps": base.steps},
-            "sweep": [],
-            "runs": [],
-        }
+        if isinstance(cfg.base, RealSpec):
+            base = real_base(cfg.base, cache_dir=cfg.cache_dir, progress=progress)
+            base_info = {
+                "path": str(base.path),
+                "recall": base.recall,
+                "probe_candidates": base.candidates,
+                "probe_kept": {f: len(p) for f, p in base.probe.items()},
+                "nll": base.base_nll,
+            }
+        else:
+            base = pretrain_base(cfg.base, cache_dir=cfg.cache_dir, progress=progress)
+            if base.recall < cfg.base.recall_target:
+                logger.warning("the base recalls only %.3f of its knowledge", base.recall)
+            base_info = {"path": str(base.path), "recall": base.recall, "steps": base.steps}
+        results: dict[str, Any] = {"config": config, "base": base_info, "sweep": [], "runs": []}
         families = list(dict.fromkeys(method_spec(m).family for m in cfg.methods))
         if cfg.sweep:
             done = {(s["family"], s["lr"]): s for s in previous.get("sweep", [])}
-            jobs = [(f, lr) for f in families for lr in cfg.lr_grid]
+            jobs = [(f, lr) for f in families for lr in cfg.grid_for(f)]
             sweep_tasks = cfg.tasks[: cfg.sweep_tasks]
             for family, lr in tqdm(jobs, desc="lr sweep", disable=not progress):
                 if (family, lr) in done and done[(family, lr)]["tasks"] == sweep_tasks:
@@ -230,15 +276,17 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
                     seed=cfg.seeds[0],
                     settings=cfg.settings,
                 )
-                results["sweep"].append(
-                    {
-                        "family": family,
-                        "lr": lr,
-                        "tasks": sweep_tasks,
-                        "learning_accuracy": rec["learning_accuracy"],
-                        "retention": rec["retention"][-1],
-                    }
-                )
+                point = {
+                    "family": family,
+                    "lr": lr,
+                    "tasks": sweep_tasks,
+                    "learning_accuracy": rec["learning_accuracy"],
+                    "retention": rec["retention"][-1],
+                }
+                if "nll_rise" in rec:
+                    point["nll_rise"] = rec["nll_rise"][-1]
+                    point["probe_by_format"] = rec["probe_by_format"][-1]
+                results["sweep"].append(point)
                 _write_json(results_path, results)
             picked = _pick_lrs(results["sweep"], cfg.match)
             cfg.lrs = {**picked, **cfg.lrs}

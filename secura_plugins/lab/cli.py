@@ -7,6 +7,9 @@ Examples::
     secura bench --tasks 4 --sweep --out results/lab4     # pick learning rates first
     secura bench --tasks 16 --methods full,lora,secura --out results/lab16
     secura bench --quick --out /tmp/lab                   # seconds, for CI
+    secura bench --base real --sweep --out results/real   # SmolLM2-135M-Instruct, 4 real tasks
+    secura bench --base real --four-bit --methods lora,secura --out results/real-nf4
+    secura bench --base real --quick --out /tmp/real      # one task, minutes, for the tests
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from .bench import MAIN_METHODS
+_DEFAULT_METHODS = "default"
 
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tasks",
         default="4",
@@ -57,8 +61,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--methods",
-        default=",".join(MAIN_METHODS),
-        help="comma list (default: the issue's methods); 'all' for every variant",
+        default=_DEFAULT_METHODS,
+        help="comma list (default: the issue's methods, for --base real lab.bench.REAL_METHODS); "
+        "'all' for every variant",
     )
     p.add_argument("--seeds", default="0,1", help="comma list of seeds (default 0,1)")
     p.add_argument(
@@ -68,6 +73,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     p.add_argument(
+        "--lr-grid",
+        action="append",
+        default=[],
+        metavar="[FAMILY=]LR,LR,...",
+        help="sweep these learning rates (for one family with FAMILY=; repeatable)",
+    )
+    p.add_argument(
         "--lr",
         action="append",
         default=[],
@@ -75,6 +87,18 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="fix a family's learning rate, e.g. --lr secura=0.01 (repeatable)",
     )
     p.add_argument("--out", default="results/lab", help="results folder (default results/lab)")
+    p.add_argument(
+        "--base",
+        choices=("tiny", "real"),
+        default="tiny",
+        help="tiny: a 2-layer Llama pretrained here on synthetic facts (fast, the default); "
+        "real: SmolLM2-135M-Instruct with the real probes and tasks (lab.real)",
+    )
+    p.add_argument(
+        "--four-bit",
+        action="store_true",
+        help="with --base real: load the base in bitsandbytes NF4 (adapters only)",
+    )
     _common(p)
 
 
@@ -92,9 +116,14 @@ def _config(args: argparse.Namespace, **fixed):
         tasks = args.tasks
         kwargs["tasks"] = int(tasks) if tasks.isdigit() else [t for t in tasks.split(",") if t]
     if getattr(args, "methods", None) and "methods" not in kwargs:
-        kwargs["methods"] = (
-            list(METHODS) if args.methods == "all" else [m for m in args.methods.split(",") if m]
-        )
+        if args.methods == _DEFAULT_METHODS:
+            from .bench import MAIN_METHODS
+
+            kwargs["methods"] = list(MAIN_METHODS)
+        elif args.methods == "all":
+            kwargs["methods"] = list(METHODS)
+        else:
+            kwargs["methods"] = [m for m in args.methods.split(",") if m]
     if getattr(args, "seeds", None) and "seeds" not in kwargs:
         kwargs["seeds"] = _ints(args.seeds)
     lrs = {}
@@ -106,12 +135,35 @@ def _config(args: argparse.Namespace, **fixed):
             raise SecuraConfigError("--lr", f"expected FAMILY=LR, got {item!r}") from None
     if lrs:
         kwargs["lrs"] = lrs
+    grids: dict[str, tuple[float, ...]] = {}
+    for item in getattr(args, "lr_grid", []) or []:
+        family, _, values = item.rpartition("=")
+        try:
+            grids[family] = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise SecuraConfigError(
+                "--lr-grid", f"expected [FAMILY=]LR,LR,..., got {item!r}"
+            ) from None
+    if grids:
+        shared = grids.pop("", None)
+        kwargs["lr_grid"] = {**grids, "": shared} if grids and shared else grids or shared
+        if isinstance(kwargs["lr_grid"], dict) and "" in kwargs["lr_grid"]:
+            raise SecuraConfigError("--lr-grid", "give either one shared grid or per-family grids")
     if getattr(args, "sweep", False) or getattr(args, "sweep_only", False):
         kwargs["sweep"] = True
         kwargs["sweep_only"] = getattr(args, "sweep_only", False)
     kwargs["cache_dir"] = args.cache_dir
     kwargs["threads"] = args.threads
-    cfg = LabConfig.quick(**kwargs) if args.quick else LabConfig(**kwargs)
+    if getattr(args, "base", "tiny") == "real":
+        if getattr(args, "methods", None) is None or args.methods == _DEFAULT_METHODS:
+            kwargs.pop("methods", None)  # the real lab's own default list
+        if getattr(args, "tasks", None) == "4":
+            kwargs.pop("tasks", None)
+        cfg = LabConfig.real(quick=args.quick, four_bit=args.four_bit, **kwargs)
+    elif getattr(args, "four_bit", False):
+        raise SecuraConfigError("--four-bit", "needs --base real (the tiny base is fp32 only)")
+    else:
+        cfg = LabConfig.quick(**kwargs) if args.quick else LabConfig(**kwargs)
     if args.steps is not None:
         if args.steps < 1:
             raise SecuraConfigError("--steps", f"must be >= 1, got {args.steps}")

@@ -48,6 +48,11 @@ def summarize(records: list[dict[str, Any]], methods: Sequence[str]) -> list[dic
             mean_sd([r["retention"][i] for r in recs]) for i in range(len(recs[0]["retention"]))
         ]
         row["step_seconds"] = statistics.median(s for r in recs for s in r["step_seconds"])
+        if all("nll_rise" in r for r in recs):  # the real-model lab
+            row["nll_rise"] = mean_sd([r["nll_rise"][-1] for r in recs])
+            row["first_learned"] = mean_sd([r["matrix"][0][0] for r in recs])
+            row["first_kept"] = mean_sd([r["retention"][0] for r in recs])
+            row["first_nll_rise"] = mean_sd([r["nll_rise"][0] for r in recs])
         rows.append(row)
     return rows
 
@@ -58,7 +63,13 @@ def _pm(value: tuple[float, float], scale: float = 100.0, digits: int = 1) -> st
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The markdown table of :func:`summarize`'s rows (percentages; mean ± sd over seeds)."""
+    """The markdown table of :func:`summarize`'s rows (percentages; mean ± sd over seeds).
+
+    Real-model lab rows (with ``nll_rise``) get the real table: after the first task
+    (new facts learned, known facts kept, NLL rise) and after the last.
+    """
+    if rows and all("nll_rise" in r for r in rows):
+        return _real_table(rows)
     head = (
         "| method | lr | trainable params | base retention % | ACC % | learning acc % "
         "| BWT % | forgetting % | s/step | train state MiB | seeds |"
@@ -70,6 +81,24 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"| {_pm(r['avg_accuracy'])} | {_pm(r['learning_accuracy'])} | {_pm(r['bwt'])} "
             f"| {_pm(r['forgetting'])} | {r['step_seconds']:.3f} "
             f"| {r['state_mib'][0]:.2f} | {r['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def _real_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| method | lr | trainable params | task 1 learned % | known kept after task 1 % "
+        "| NLL rise after task 1 (nats) | learning acc % | ACC % | BWT % "
+        "| known kept at end % | NLL rise at end (nats) | s/step | seeds |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['trainable_params']:,} "
+            f"| {_pm(r['first_learned'])} | {_pm(r['first_kept'])} "
+            f"| {_pm(r['first_nll_rise'], 1.0, 3)} | {_pm(r['learning_accuracy'])} "
+            f"| {_pm(r['avg_accuracy'])} | {_pm(r['bwt'])} | {_pm(r['retention'])} "
+            f"| {_pm(r['nll_rise'], 1.0, 3)} | {r['step_seconds']:.2f} | {r['seeds']} |"
         )
     return "\n".join(lines)
 

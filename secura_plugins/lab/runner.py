@@ -140,10 +140,57 @@ def _calibration(pairs: list[tuple[str, str]], tok: Any, n: int = 8) -> list[dic
     return out
 
 
-def _rows(pairs: list[tuple[str, str]]):
+def _rows(pairs: list[tuple[str, str]] | list[dict[str, Any]]):
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": p, "completion": a} for p, a in pairs])
+    return Dataset.from_list(
+        [r if isinstance(r, dict) else {"prompt": r[0], "completion": r[1]} for r in pairs]
+    )
+
+
+# One loop for both bases: the tiny synthetic base (BaseModel) and the real one
+# (lab.real.RealBase, whose tasks are chat/prompt-completion rows and whose probe items
+# are rendered text pairs).
+def _train_rows(base: Any, tag: str, settings: RunSettings, seed: int, tok: Any, flat: bool):
+    """The task's training rows. ``flat`` (replay on the real base) renders chat rows
+    through the chat template to plain prompt/completion text, so that replayed rows of
+    every task share one schema (TRL then ends the completion with eos, ``<|im_end|>``,
+    as the template does)."""
+    if isinstance(base, BaseModel):
+        return _rows(task_pairs(tag, settings.n_train, seed=seed))
+    rows = base.train_rows(tag)
+    if flat:
+        from .real import render_pairs
+
+        return _rows(render_pairs(rows, tok))
+    return _rows(rows)
+
+
+def _task_pairs(base: Any, tag: str, settings: RunSettings, seed: int, tok: Any):
+    if isinstance(base, BaseModel):
+        return task_pairs(tag, settings.n_train, seed=seed)
+    from .real import render_pairs
+
+    return render_pairs(base.train_rows(tag), tok)
+
+
+def _eval_pairs(base: Any, tag: str, settings: RunSettings, tok: Any):
+    from ..continual.probe import RetentionProbe
+
+    if isinstance(base, BaseModel):
+        pairs = task_pairs(tag, settings.n_eval, seed=settings.eval_seed)
+        return RetentionProbe(pairs, tok, batch_size=64)
+    return base.eval_pairs(tag, tok)
+
+
+def _accuracy(model: Any, probe: Any, tok: Any) -> float:
+    """Greedy exact-match accuracy: a RetentionProbe (tiny) or rendered pairs (real)."""
+    if isinstance(probe, list):
+        from .real import _hits
+
+        hits = _hits(model, probe, tok)
+        return sum(hits) / len(hits)
+    return probe.evaluate(model)["accuracy"]
 
 
 def _state_bytes(model: torch.nn.Module, optimizer: Any) -> int:
@@ -161,7 +208,7 @@ def _state_bytes(model: torch.nn.Module, optimizer: Any) -> int:
 
 
 def run_sequence(
-    base: BaseModel,
+    base: Any,
     method: MethodSpec,
     tasks: list[str],
     *,
@@ -184,29 +231,38 @@ def run_sequence(
 
     settings = settings or RunSettings()
     set_seed(seed)
+    real = not isinstance(base, BaseModel)
     model, tok = base.load()
-    knowledge = base.spec.pairs()
+    if real and method.adapter is None and base.spec.four_bit:
+        from ..errors import SecuraConfigError
+
+        raise SecuraConfigError(
+            "--methods", f"{method.name!r} trains every weight and cannot run on the 4-bit base; "
+            "drop it or leave out --four-bit"
+        )
+    knowledge = base.probe_pairs() if real else base.spec.pairs()
     probe = RetentionProbe(knowledge, tok, batch_size=128)
+    if real:  # the probe holds only items the base answers: its score is 1.0 by construction
+        base_probe = {"accuracy": base.recall}
+        base_extra = base.extra_metrics(model, tok)
     config = None
     if method.adapter is not None:
         config = AdapterConfig.from_dict({**method.adapter, "seed": seed})
         data = {}
         if config.method == "sclora":
-            first = task_pairs(tasks[0], settings.n_train, seed=seed)
+            first = _task_pairs(base, tasks[0], settings, seed, tok)
             data = {"positive": _calibration(first, tok), "negative": _calibration(knowledge, tok)}
         model = apply_adapter(model, config, **data)
     params = count_parameters(model)
-    base_probe = probe.evaluate(model)
+    if not real:
+        base_probe = probe.evaluate(model)
     ewc = EWC(lam=method.ewc) if method.ewc else None
     buffer = None
     if method.replay:
         buffer = ReplayBuffer(capacity=4 * settings.n_train, seed=seed, ratio=method.replay)
         if method.replay_base:
             buffer.add(_rows(knowledge), task="base")
-    evals = [
-        RetentionProbe(task_pairs(t, settings.n_eval, seed=settings.eval_seed), tok, batch_size=64)
-        for t in tasks
-    ]
+    evals = [_eval_pairs(base, t, settings, tok) for t in tasks]
     matrix = AccuracyMatrix(len(tasks), tasks)
     record: dict[str, Any] = {
         "method": method.name,
@@ -220,10 +276,13 @@ def run_sequence(
         "train_loss": [],
         "step_seconds": [],
     }
+    if real:
+        record.update({"base_nll": base_extra["nll"], "nll": [], "nll_rise": []})
+        record["probe_by_format"] = []
     state_bytes = 0
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for i, tag in enumerate(tasks):
-            rows = _rows(task_pairs(tag, settings.n_train, seed=seed))
+            rows = _train_rows(base, tag, settings, seed, tok, flat=bool(method.replay))
             args = SFTConfig(
                 output_dir=str(Path(tmp) / f"task-{i}"),
                 max_steps=settings.steps,
@@ -269,8 +328,15 @@ def run_sequence(
                 )
             model = trainer.model
             for j in range(i + 1):
-                matrix.record(i, j, evals[j].evaluate(model)["accuracy"])
-            score = probe.evaluate(model)["accuracy"]
+                matrix.record(i, j, _accuracy(model, evals[j], tok))
+            if real:
+                scores = base.measure(model, tok)
+                score = scores["known_kept"]
+                record["probe_by_format"].append(scores["known_kept_by_format"])
+                record["nll"].append(scores["nll"])
+                record["nll_rise"].append(scores["nll"] - base_extra["nll"])
+            else:
+                score = probe.evaluate(model)["accuracy"]
             record["probe"].append(score)
             record["retention"].append(retention(base_probe["accuracy"], score))
             logger.info(
