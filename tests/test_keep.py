@@ -213,3 +213,25 @@ def test_recipe_keep_block_runs_rehearsal_and_kl_per_task(tmp_path):
     with pytest.raises(SecuraConfigError, match="keep.kl_lamda"):
         Recipe.from_dict({"model": {"tiny": "llama"}, "tasks": [{"data": {"builtin": "add"}}],
                           "continual": {"keep": {"kl_lamda": 1}}})
+
+
+@pytest.mark.parametrize("method", ["lora", "secura"])
+def test_adapter_disabled_is_the_base_on_a_4bit_base(tmp_path, method):
+    from trl_helpers import load_4bit
+
+    from secura_plugins.tiny import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "tiny", "llama")
+    ids = torch.randint(0, 90, (2, 10))
+    base_logits = load_4bit(folder).eval()(ids).logits
+    model = apply_adapter(load_4bit(folder), AdapterConfig(method=method, r=4, merge_every=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+        for core in secura_cores(model):
+            core.u_acc.add_(torch.randn_like(core.u_acc) * 0.2)
+    model.eval()
+    assert not torch.allclose(model(ids).logits, base_logits, atol=1e-4)
+    with adapter_disabled(model):
+        assert torch.equal(model(ids).logits, base_logits)
