@@ -78,7 +78,7 @@ class KeepConfig:
     kl_on_task: bool = False
     kl_mode: str = "in_step"
     kl_topk: int = 64
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     max_seconds: float = 600.0
     temperature: float = 0.7
     top_p: float = 0.9

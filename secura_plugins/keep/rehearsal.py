@@ -123,8 +123,9 @@ def _generate(
 
 
 def _first_sentence(text: str) -> str:
+    """The first line of ``text`` up to its first sentence end ("3.14" is not one)."""
     line = text.split("\n", 1)[0]
-    match = re.search(r"[?.!:]", line)
+    match = re.search(r"[?.!:](?=\s|$)", line)
     return line[: match.end()] if match else line
 
 
@@ -188,7 +189,8 @@ def generate_rehearsal(
                     sample=False, config=config, seed=seed,
                 )
                 for (kind, prompt), answer in zip(fresh, answers):
-                    answer = answer if chat else answer.split("\n", 1)[0]
+                    # One sentence: short rows keep padded batches (and step time) small.
+                    answer = answer if chat else _first_sentence(answer)
                     if not answer.strip():
                         quota[kind] += 1
                         continue
