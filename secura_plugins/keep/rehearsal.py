@@ -3,9 +3,11 @@
 Before a task, the model with its adapter disabled (PEFT's ``disable_adapter()``: the
 base, on a 4-bit base too, with no second copy) writes prompts and answers them:
 
-* **task-shaped prompts**: a seeded task prompt loses its last few tokens (up to a
-  third) and the base *samples* as many new ones
-  (``"The capital of France is"`` -> ``"The capital of"`` -> ``"The capital of Brazil is"``);
+* **task-shaped prompts**: a seeded task prompt is cut where it first differs from
+  another task prompt (the template they share, before the subject) and the base
+  *samples* as many tokens as were cut (``"The capital of Velmora is"`` ->
+  ``"The capital of"`` -> ``"The capital of Brazil is"``), so the task's own subjects,
+  whose answers the task changes, are not rehearsed;
 * **generic prompts**: a seeded stem from :data:`GENERIC_STEMS` (questions,
   instructions, statements) continued by sampling up to the end of the sentence.
 
@@ -215,8 +217,11 @@ def _prompt_batch(
         kind = rng.choices(kinds, weights=weights)[0]
         if kind == "task":
             ids = _tokens(tokenizer, rng.choice(task_prompts))
-            resample = rng.randint(1, max(1, len(ids) // 3 + 1))  # the last words change
-            cut = max(1, len(ids) - resample)
+            other = _tokens(tokenizer, rng.choice(task_prompts))
+            # Keep the template the task's prompts share, resample what varies (the
+            # subject): rehearsing the task's own subjects would contradict the task.
+            cut = next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), len(ids))
+            cut = max(1, min(cut, len(ids) - 1))
             batch.append((kind, tokenizer.decode(ids[:cut]), max(1, len(ids) - cut)))
         else:
             batch.append((kind, rng.choice(GENERIC_STEMS), 16))
