@@ -110,7 +110,7 @@ def test_sft_trainer_mixes_saves_and_logs_a_nonzero_kl(tmp_path, mode):
     keys = {tuple(r) for r in trainer.train_dataset["input_ids"]}
     assert keys & cb.keep.keys  # the rehearsal rows are in the mixed set
     saved = [json.loads(x) for x in (tmp_path / REHEARSAL_FILE).read_text().splitlines()[1:]]
-    assert saved == cb.keep.rows and len(saved) == 8
+    assert saved == cb.keep.rows and 1 <= len(saved) <= 8  # a random tiny model: some rejected
 
 
 def test_kl_off_logs_nothing_and_rehearsal_still_mixes(tmp_path):
@@ -123,8 +123,9 @@ def test_kl_off_logs_nothing_and_rehearsal_still_mixes(tmp_path):
 def test_resume_is_exact(tmp_path):
     from secura_plugins.io import adapter_tensors
 
-    full, _ = _trainer(tmp_path / "a", _keep(), max_steps=4)
+    full, full_cb = _trainer(tmp_path / "a", _keep(), max_steps=4)
     full.train()
+    full_keep_rows = full_cb.keep.rows
     part, _ = _trainer(tmp_path / "b", _keep(), max_steps=4, save_strategy="steps", save_steps=2)
     part.train()
     assert (tmp_path / "b" / "checkpoint-2" / REHEARSAL_FILE).is_file()
@@ -132,7 +133,7 @@ def test_resume_is_exact(tmp_path):
     # No time to generate: the rows can only come from the checkpoint.
     resumed, cb = _trainer(tmp_path / "b", _keep(max_seconds=1e-9), max_steps=4)
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
-    assert len(cb.keep.rows) == 8
+    assert cb.keep.rows and cb.keep.rows == full_keep_rows
     a = adapter_tensors(full.model, "default")
     b = adapter_tensors(resumed.model, "default")
     assert all(torch.equal(a[k], b[k]) for k in a)
