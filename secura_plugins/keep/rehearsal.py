@@ -5,9 +5,9 @@ base, on a 4-bit base too, with no second copy) writes prompts and answers them:
 
 * **task-shaped prompts**: a seeded task prompt is cut where it first differs from
   another task prompt (the template they share, before the subject) and the base
-  *samples* as many tokens as were cut (``"The capital of Velmora is"`` ->
-  ``"The capital of"`` -> ``"The capital of Brazil is"``), so the task's own subjects,
-  whose answers the task changes, are not rehearsed;
+  *samples* a new subject up to the ending the prompts share (``"The capital of
+  Velmora is"`` -> ``"The capital of"`` -> ``"The capital of Brazil is"``), so the
+  task's own subjects, whose answers the task changes, are not rehearsed;
 * **generic prompts**: a seeded stem from :data:`GENERIC_STEMS` (questions,
   instructions, statements) continued by sampling up to the end of the sentence.
 
@@ -176,7 +176,7 @@ def generate_rehearsal(
                 seed = config.seed * 1_000_003 + batch_no
                 prompts = _sample_prompts(model, tokenizer, batch, config, seed)
                 fresh = []
-                for (kind, _, _), prompt in zip(batch, prompts):
+                for (kind, *_), prompt in zip(batch, prompts):
                     key = normalize_prompt(prompt)
                     if len(key) < 3 or key in seen or key in banned or quota[kind] <= 0:
                         continue
@@ -210,7 +210,7 @@ def _prompt_batch(
     rng: random.Random, kinds: list[str], quota: dict[str, int], task_prompts: list[str],
     tokenizer: Any, config: KeepConfig,
 ) -> list[tuple[str, str, int]]:
-    """``(kind, prefix, tokens to sample)`` for one generation batch."""
+    """``(kind, prefix, tokens to sample, ending)`` for one generation batch."""
     batch = []
     for _ in range(config.batch_size):
         weights = [quota[k] for k in kinds]
@@ -222,26 +222,37 @@ def _prompt_batch(
             # subject): rehearsing the task's own subjects would contradict the task.
             cut = next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), len(ids))
             cut = max(1, min(cut, len(ids) - 1))
-            batch.append((kind, tokenizer.decode(ids[:cut]), max(1, len(ids) - cut)))
+            # ... and the ending they share (" is"): the sampled subject must reach it.
+            tail = next(
+                (i for i, (a, b) in enumerate(zip(ids[::-1], other[::-1])) if a != b),
+                min(len(ids), len(other)),
+            )
+            tail = max(0, min(tail, len(ids) - cut - 1))
+            ending = tokenizer.decode(ids[len(ids) - tail :]) if tail else ""
+            batch.append((kind, tokenizer.decode(ids[:cut]), len(ids) - cut + 4, ending))
         else:
-            batch.append((kind, rng.choice(GENERIC_STEMS), 16))
+            batch.append((kind, rng.choice(GENERIC_STEMS), 16, ""))
     return batch
 
 
 def _sample_prompts(
-    model: Any, tokenizer: Any, batch: list[tuple[str, str, int]], config: KeepConfig, seed: int
+    model: Any, tokenizer: Any, batch: list[tuple[str, str, int, str]], config: KeepConfig,
+    seed: int,
 ) -> list[str]:
-    longest = max(n for _, _, n in batch)
+    longest = max(n for _, _, n, _ in batch)
     conts = _generate(
-        model, tokenizer, [p for _, p, _ in batch], max_new_tokens=longest, sample=True,
+        model, tokenizer, [p for _, p, _, _ in batch], max_new_tokens=longest, sample=True,
         config=config, seed=seed,
     )
     prompts = []
-    for (kind, prefix, n), cont in zip(batch, conts):
+    for (kind, prefix, n, ending), cont in zip(batch, conts):
         if kind == "task":
-            ids = _tokens(tokenizer, cont)[:n]
-            text = prefix + tokenizer.decode(ids)
-            text = text.split("\n", 1)[0]
+            line = cont.split("\n", 1)[0]
+            if ending:  # up to the shared ending, or nothing (no task shape)
+                found = re.search(re.escape(ending.strip()) + r"(?=\W|$)", line)
+                text = prefix + line[: found.end()] if found else ""
+            else:
+                text = prefix + tokenizer.decode(_tokens(tokenizer, line)[: n - 4])
         elif cont[:1].isspace():  # a new word after the stem, not "Explain-the-..."
             text = prefix + _first_sentence(cont)
         else:
