@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
     far_kept = sum(_hits(trainer.model, far, tok)) / len(far) if far else None
     kl = [h["keep/kl"] for h in trainer.state.log_history if "keep/kl" in h]
     return {
-        "config": args.config, "method": method, "keep": keep_fields, "seed": args.seed,
+        "config": args.name or args.config, "method": method, "keep": keep_fields, "seed": args.seed,
         "task": args.task, "lr": lr, "epochs": args.epochs, "n_facts": args.n_facts,
         "four_bit": args.four_bit, "steps": trainer.state.global_step,
         "learned": scores["task_accuracy"][args.task], "kept": scores["known_kept"],
@@ -168,6 +168,7 @@ def summary(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=list(CONFIGS))
+    p.add_argument("--name", help="label of the run in the table (default: the config)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", default="facts-same")
     p.add_argument("--n-facts", type=int, default=32)
