@@ -30,8 +30,8 @@ KL_MODES = ("in_step", "cached")
 FORMATS = ("auto", "plain", "chat")
 
 #: Named settings. ``keep`` is the library's recommendation: on the real-model lab
-#: (BENCHMARKS.md, "Keep what the base knew") rehearsal plus the KL anchor kept 86% of the
-#: probe (LoRA: 20-30%) at +0.06 nats, where rehearsal alone kept 63% at +0.44 nats.
+#: (BENCHMARKS.md, "Keep what the base knew") rehearsal plus the KL anchor kept 84% of the
+#: probe (LoRA: 21-30%) at +0.08 nats, where rehearsal alone kept 56% at +0.48 nats.
 KEEP_PRESETS: dict[str, dict[str, Any]] = {
     "keep": {
         "rehearsal": 64,
