@@ -3,7 +3,7 @@
 Subcommands::
 
     secura train RECIPE.yaml [--set training.max_steps=20] [--output-dir DIR] [--resume]
-    secura merge ADAPTER --out DIR [--base BASE] [--dtype float32]
+    secura merge ADAPTER --out DIR [--base BASE] [--dtype float32] [--scale ALPHA]
     secura eval ADAPTER --probe PAIRS.jsonl|builtin:NAME[:N] [--base BASE] [--load-in-4bit]
                         [--merged-gap]
     secura forgetting ADAPTER|MERGED [--base BASE] [--prompts FILE] [--out DIR] [--json]
@@ -104,6 +104,13 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="dense base checkpoint (default: the one the adapter names)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="multiply the learned update by this factor before merging (0: the base, "
+        "1: the adapter; between: keep more of the base)",
+    )
 
 
 def _adapter_base(adapter: str, base: str | None) -> str:
@@ -123,7 +130,12 @@ def _merge(args: argparse.Namespace) -> int:
 
     base = _adapter_base(args.adapter, args.base)
     out = merge_adapter_into_base(
-        args.adapter, base, args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        args.adapter,
+        base,
+        args.out,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        scale=args.scale,
     )
     print(f"merged checkpoint written to {out}")
     return 0

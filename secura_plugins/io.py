@@ -425,8 +425,12 @@ def load_adapter(
     is_trainable: bool = False,
     check_base: bool = True,
     adapter_name: str = "default",
+    scale: float | None = None,
 ) -> PeftModel:
     """Rebuild the adapter saved in ``path`` on ``base_model`` and return the ``PeftModel``.
+
+    ``scale`` multiplies the learned update by that factor (0: the base, 1: the adapter
+    as trained; see :func:`secura_plugins.keep.scale_update`).
 
     ``base_model`` is a fresh transformers model (dense or 4-bit). The adapter's layers,
     shapes, method and base fingerprint are checked; any mismatch raises
@@ -463,7 +467,7 @@ def load_adapter(
             config=peft_config,
         )
         _promote(model, config, adapter_name)
-        return model
+        return _scaled(model, scale)
     wanted = list(block["layers"])
     available = {n for n, _ in base_model.named_modules()}
     absent = [n for n in wanted if n not in available]
@@ -482,7 +486,16 @@ def load_adapter(
             )
     model = _inject(base_model, config, method, adapter_name, target_modules=wanted)
     model = _build(model, config, method, adapter_name, init=False)
-    return load_adapter_weights(model, folder, is_trainable=is_trainable, check_base=check_base)
+    model = load_adapter_weights(model, folder, is_trainable=is_trainable, check_base=check_base)
+    return _scaled(model, scale)
+
+
+def _scaled(model: PeftModel, scale: float | None) -> PeftModel:
+    if scale is not None:
+        from .keep.interpolate import scale_update
+
+        scale_update(model, scale)
+    return model
 
 
 # --------------------------------------------------------------------------- export
@@ -580,14 +593,16 @@ def merge_adapter_into_base(
     *,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    scale: float | None = None,
 ) -> Path:
-    """Load the dense base checkpoint ``base``, apply the adapter, export a merged checkpoint."""
+    """Load the dense base checkpoint ``base``, apply the adapter (its update times
+    ``scale``, if given), export a merged checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_model = AutoModelForCausalLM.from_pretrained(
         str(base), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
     )
-    model = load_adapter(base_model, adapter_dir)
+    model = load_adapter(base_model, adapter_dir, scale=scale)
     out = export_merged(model, out_dir)
     with contextlib.suppress(OSError, ValueError):
         AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))

@@ -14,7 +14,8 @@ A recipe has these top-level blocks (only ``model`` and ``tasks`` are required):
         data: {builtin: add, n: 512}              # or {path: f.jsonl} or {hub: id, split: ..}
         eval: {builtin: add, n: 32, seed: 1}      # (prompt, answer) pairs: accuracy matrix
         training: {max_steps: 40}                 # per-task overrides
-    continual: {ewc: {lam: 1.0e6}, replay: {ratio: 0.05, capacity: 1000}}
+    continual: {ewc: {lam: 1.0e6}, replay: {ratio: 0.05, capacity: 1000},
+                keep: keep}                       # or {preset: keep, kl_lambda: 0.5, ...}
     probe:     {data: {path: probe.jsonl}, steps: 50}   # retention probe
 
 Every error is a :class:`~secura_plugins.errors.SecuraConfigError` naming the field by
@@ -313,6 +314,7 @@ class Recipe:
     seed: int = 0
     ewc: dict[str, Any] | None = None
     replay: dict[str, Any] | None = None
+    keep: dict[str, Any] | None = None
     probe: ProbeSpec | None = None
     source: str | None = None
 
@@ -360,9 +362,12 @@ class Recipe:
         if len(set(names)) != len(names):
             raise SecuraConfigError("tasks", f"task names must be unique, got {names}")
         continual = _mapping(data.get("continual"), "continual")
-        _check_keys(continual, "continual", ["ewc", "replay"])
+        _check_keys(continual, "continual", ["ewc", "replay", "keep"])
         ewc = _continual_block(continual, "ewc", ["lam", "gamma", "fisher_batches"])
         replay = _continual_block(continual, "replay", ["ratio", "capacity", "seed"])
+        from .keep import KeepConfig
+
+        keep = KeepConfig.coerce(continual.get("keep"))  # errors name keep.<field>
         probe = None
         if data.get("probe") is not None:
             raw = _mapping(data["probe"], "probe")
@@ -383,6 +388,7 @@ class Recipe:
             seed=_int(run.get("seed", 0), "run.seed"),
             ewc=ewc,
             replay=replay,
+            keep=None if keep is None else keep.to_dict(),
             probe=probe,
         )
 
@@ -736,7 +742,16 @@ def run_recipe(
     base, tokenizer = _load_model(recipe.model, out)
     data: dict[str, Any] = {}
     probe_pairs = recipe.probe.data.pairs() if recipe.probe else None
-    if recipe.adapter.method == "sclora":
+    if recipe.adapter.method == "sclora" and recipe.keep is not None:
+        from .keep import Keep
+
+        keep = Keep(recipe.keep, exclude=[p for p, _ in probe_pairs or []], progress=progress)
+        keep.ensure_rows(base, tokenizer, datasets[0], run_dir=out)
+        data = {
+            "positive": _calibration_batches(datasets[0], tokenizer),
+            "negative": keep.negative_batches(tokenizer),
+        }
+    elif recipe.adapter.method == "sclora":
         if probe_pairs is None:
             raise SecuraConfigError(
                 "adapter.method", "sclora needs a probe (its knowledge-to-preserve data)"
@@ -792,8 +807,12 @@ def run_recipe(
                     matrix.record(i, j, value)
             results["tasks"].append(done)
             continue
-        args = recipe.task_config(i, task_dir, disable_tqdm=not progress)
+        keep_settings = {}
+        if recipe.keep is not None and recipe.keep["kl_lambda"] > 0:
+            keep_settings["loss_type"] = "nll"  # the KL anchor needs the logits
+        args = recipe.task_config(i, task_dir, disable_tqdm=not progress, **keep_settings)
         callback = SecuraCallback(
+            keep=None if recipe.keep is None else _task_keep(recipe.keep, probe_pairs, progress),
             ewc=ewc,
             probe=probe,
             probe_steps=recipe.probe.steps if recipe.probe else None,
@@ -862,6 +881,14 @@ def run_recipe(
     results["adapter"] = str(out / "adapter")
     _write_json(out / "results.json", results)
     return results
+
+
+def _task_keep(settings: dict[str, Any], probe_pairs: Any, progress: bool) -> Any:
+    """A fresh :class:`~secura_plugins.keep.Keep` per task (the base rehearses each task's
+    shapes), never producing a probe prompt."""
+    from .keep import Keep
+
+    return Keep(settings, exclude=[p for p, _ in probe_pairs or []], progress=progress)
 
 
 def _build(name: str, factory: Callable[..., Any], settings: dict[str, Any]) -> Any:

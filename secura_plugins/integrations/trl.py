@@ -359,6 +359,14 @@ def consolidate_ewc(
     return ewc.consolidate(model, fisher=fisher)
 
 
+def _as_keep(keep: Any) -> Any:
+    if keep is None or keep is False:
+        return None
+    from ..keep import Keep
+
+    return keep if isinstance(keep, Keep) else Keep(keep)
+
+
 def _as_config(config: AdapterConfig | Mapping[str, Any] | None) -> AdapterConfig | None:
     if config is None or isinstance(config, AdapterConfig):
         return config
@@ -388,6 +396,10 @@ class SecuraCallback(TrainerCallback):
             checkpoint (mixing happens before the trainer is built; see module doc).
         adapter_data: calibration data for ``apply_adapter``/``convert_peft_model``
             (SC-LoRA's ``positive=``/``negative=``).
+        keep: self-rehearsal and the KL anchor to the base (a
+            :class:`~secura_plugins.keep.Keep`, a ``KeepConfig``, a dict, or a preset
+            name such as ``"keep"``); see :mod:`secura_plugins.keep.runtime`. With
+            SC-LoRA and no ``negative=``, the rehearsal rows are its preserve side.
     """
 
     def __init__(
@@ -401,6 +413,7 @@ class SecuraCallback(TrainerCallback):
         fisher_batches: int | None = None,
         replay: ReplayBuffer | None = None,
         adapter_data: Mapping[str, Any] | None = None,
+        keep: Any = None,
     ) -> None:
         if probe_steps is not None and probe_steps < 1:
             raise SecuraConfigError("probe_steps", f"must be >= 1 or None, got {probe_steps}")
@@ -412,6 +425,7 @@ class SecuraCallback(TrainerCallback):
         self.fisher_batches = fisher_batches
         self.replay = replay
         self.adapter_data = dict(adapter_data or {})
+        self.keep = _as_keep(keep)
         #: Set by ``ContinualTrainerMixin``: the penalty is a loss term, not a gradient here.
         self.ewc_via_loss = False
         self.trainer: Trainer | None = None
@@ -442,6 +456,9 @@ class SecuraCallback(TrainerCallback):
 
         def train(resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
             self._resume_dir = self._resolve_resume(trainer, resume_from_checkpoint)
+            if self.keep is not None:
+                self._keep_exclude_probe()
+                self.keep.before_train(trainer, self._resume_dir)
             # True would let Trainer pick the newest folder, complete or not.
             return original_train(self._resume_dir, *args, **kwargs)
 
@@ -520,6 +537,7 @@ class SecuraCallback(TrainerCallback):
             return model
         config = self.config or AdapterConfig()
         self.config = config
+        self._keep_preserve_side(model, config)
         if isinstance(model, PeftModel):
             # TRL's peft_config path (and the only way to train a 4-bit base).
             return convert_peft_model(model, config, **self.adapter_data)
@@ -535,6 +553,35 @@ class SecuraCallback(TrainerCallback):
         if getattr(args, "gradient_checkpointing", False):
             peft_model.enable_input_require_grads()
         return peft_model
+
+    def _keep_exclude_probe(self) -> None:
+        """Never let the self-rehearsal produce a retention-probe prompt."""
+        if self.keep is None or self.probe is None:
+            return
+        if not isinstance(self.probe, RetentionProbe):
+            self.probe = list(self.probe)
+        pairs = self.probe.pairs if isinstance(self.probe, RetentionProbe) else self.probe
+        self.keep.exclude |= {str(p["prompt"] if isinstance(p, Mapping) else p[0]) for p in pairs}
+
+    def _keep_preserve_side(self, model: nn.Module, config: AdapterConfig) -> None:
+        """SC-LoRA without privileged data: its ``negative=`` side is the self-rehearsal."""
+        if self.keep is None or config.method != "sclora" or "negative" in self.adapter_data:
+            return
+        self._keep_exclude_probe()
+        trainer = self.trainer
+        if trainer is None:
+            raise SecuraError("keep with sclora: bind the callback to its Trainer first")
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        self.keep.ensure_rows(
+            model, tokenizer, trainer.train_dataset, run_dir=trainer.args.output_dir
+        )
+        self.adapter_data["negative"] = self.keep.negative_batches(tokenizer)
+        if "positive" not in self.adapter_data:
+            rows = trainer.train_dataset.select(range(min(64, len(trainer.train_dataset))))
+            self.adapter_data["positive"] = [
+                {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))}
+                for ids in rows["input_ids"]
+            ]
 
     # ------------------------------------------------------------------ events
     def on_init_end(
@@ -694,6 +741,8 @@ class SecuraCallback(TrainerCallback):
         extra: dict[str, float] = {}
         if is_train or is_final:
             extra.update(self._drain())
+            if self.keep is not None:
+                extra.update(self.keep.drain())
         due = is_train and self.probe_steps and state.global_step % self.probe_steps == 0
         if is_eval or is_final or due:
             extra.update(self._run_probe(state.global_step))
@@ -753,6 +802,8 @@ class SecuraCallback(TrainerCallback):
             self.ewc.save(folder / EWC_STATE_NAME)
         if self.replay is not None:
             self.replay.save(folder / REPLAY_STATE_NAME)
+        if self.keep is not None:
+            self.keep.save(folder)
         if manifest:
             kill_point("checkpoint-marker")  # test-only crash point (secura_plugins.faults)
             _fsync_files(folder)
@@ -803,6 +854,8 @@ class ContinualTrainerMixin:
       tokenizes it; after ``train()`` the task's own rows are added to the buffer.
     * ``task_name``: the tag of this task's rows in the buffer.
     * ``fisher_batches``: batches for the end-of-task Fisher when no callback does it.
+    * ``keep``: self-rehearsal and the KL anchor (see :mod:`secura_plugins.keep`),
+      handed to the ``SecuraCallback`` (required), which runs them.
 
     Example:
         >>> from secura_plugins.integrations.trl import SecuraSFTTrainer
@@ -818,6 +871,7 @@ class ContinualTrainerMixin:
         replay_ratio: float | None = None,
         task_name: str | None = None,
         fisher_batches: int | None = None,
+        keep: Any = None,
         **kwargs: Any,
     ) -> None:
         self._secura_task_rows = None
@@ -838,6 +892,12 @@ class ContinualTrainerMixin:
         self.secura_task_name = task_name
         self.secura_fisher_batches = fisher_batches
         callback = find_secura_callback(self)  # type: ignore[arg-type]
+        if keep is not None:
+            if callback is None:
+                raise SecuraConfigError(
+                    "keep", "needs a SecuraCallback in callbacks= (it runs the rehearsal)"
+                )
+            callback.keep = _as_keep(keep)
         if ewc is None and callback is not None:
             ewc = callback.ewc
         if callback is not None and ewc is not None:

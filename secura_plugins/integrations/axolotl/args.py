@@ -136,7 +136,7 @@ class CalibrationSettings(_StrictBlock):
 
 
 #: ``secura:`` keys that are not ``AdapterConfig`` fields.
-CONTINUAL_KEYS = ("ewc", "replay", "probe", "probe_steps", "calibration")
+CONTINUAL_KEYS = ("ewc", "replay", "probe", "probe_steps", "calibration", "keep")
 
 
 class SecuraSettings(_StrictBlock):
@@ -211,6 +211,21 @@ class SecuraSettings(_StrictBlock):
     calibration: CalibrationSettings | None = Field(
         default=None, description="SC-LoRA calibration data (method: sclora)."
     )
+    keep: Any = Field(
+        default=None,
+        description="Self-rehearsal and the KL anchor to the base: a preset name ('keep', the "
+        "recommendation) or a dict of KeepConfig fields (preset, rehearsal, ratio, kl_lambda, "
+        "kl_on_task, kl_mode, ...). With method: sclora and no calibration.negative, the "
+        "rehearsal rows are SC-LoRA's preserve side.",
+    )
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _check_keep(cls, value: Any) -> Any:
+        from secura_plugins.keep import KeepConfig
+
+        coerced = KeepConfig.coerce(value)  # SecuraConfigError is a ValueError: named field
+        return None if coerced is None else coerced.to_dict()
 
     @field_validator("smagnorm", mode="before")
     @classmethod

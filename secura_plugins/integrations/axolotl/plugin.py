@@ -111,7 +111,7 @@ def count_4bit_linears(model: torch.nn.Module) -> int:
     return sum(isinstance(m, Linear4bit) for m in model.modules())
 
 
-def make_secura_callback(cfg: DictDefault) -> tuple[Any, Any]:
+def make_secura_callback(cfg: DictDefault, keep: Any = None) -> tuple[Any, Any]:
     """The library's ``SecuraCallback`` for this run, and the replay buffer it hands on.
 
     The callback runs SECURA's M1/M2 merges (``secura_step_end``) after every optimizer
@@ -131,6 +131,7 @@ def make_secura_callback(cfg: DictDefault) -> tuple[Any, Any]:
         probe=load_pairs(settings.probe) if settings.probe else None,
         probe_steps=settings.probe_steps,
         fisher_batches=settings.ewc.fisher_batches if settings.ewc else None,
+        keep=keep if keep is not None else settings.keep,
     )
     return callback, buffer
 
@@ -229,6 +230,9 @@ class SecuraPlugin(BasePlugin):
                 from .calibration import calibration_data
 
                 data = calibration_data(cfg, settings.calibration)
+            if config.method == "sclora" and settings.keep and "negative" not in data:
+                data = {**data, **self._keep_calibration(cfg, model, data)}
+            if "negative" in data:
                 LOG.info(
                     "adapter: secura: SC-LoRA calibration on %d positive and %d negative batches",
                     len(data["positive"]),
@@ -238,6 +242,26 @@ class SecuraPlugin(BasePlugin):
         LOG.info("adapter: secura: parameters %s", core.count_parameters(peft_model))
         peft_config = peft_model.peft_config[peft_model.active_adapter]
         return peft_model, peft_config
+
+    def _keep_calibration(self, cfg: DictDefault, model: Any, data: dict) -> dict[str, Any]:
+        """SC-LoRA's preserve side from the base's self-rehearsal (``secura.keep``)."""
+        from axolotl.loaders import load_tokenizer
+
+        from secura_plugins.keep import Keep
+
+        from .calibration import batches, row_text
+
+        settings = secura_settings(cfg)
+        tokenizer = load_tokenizer(cfg)
+        rows = task_rows(cfg)
+        self._keep = Keep(
+            settings.keep, task_prompts=[row_text(r).split("\n", 1)[0] for r in rows[:256]]
+        )
+        self._keep.ensure_rows(model, tokenizer, run_dir=cfg.output_dir)
+        out = {"negative": self._keep.negative_batches(tokenizer)}
+        if "positive" not in data:
+            out["positive"] = batches([row_text(r) for r in rows[:64]], tokenizer, 4, 512)
+        return out
 
     def load_datasets(self, cfg: DictDefault, preprocess: bool = False) -> None:
         # Replay: append earlier tasks' rows as one more dataset, then let axolotl load
@@ -255,7 +279,7 @@ class SecuraPlugin(BasePlugin):
         # Before the trainer exists, so the callback's on_init_end runs.
         if not is_secura_cfg(cfg):
             return []
-        self._callback, self._buffer = make_secura_callback(cfg)
+        self._callback, self._buffer = make_secura_callback(cfg, getattr(self, "_keep", None))
         self._finished = False
         return [self._callback]
 

@@ -1,0 +1,171 @@
+"""Settings of the keep tools (self-rehearsal and the KL anchor): :class:`KeepConfig`.
+
+One object drives ``SecuraCallback(keep=...)``, ``SecuraSFTTrainer(keep=...)``, the
+axolotl plugin (``secura: {keep: ...}``) and the recipes (``keep:``). A string names a
+preset from :data:`KEEP_PRESETS`; a dict may name one under ``preset`` and override
+fields.
+
+Example:
+    >>> from secura_plugins.keep import KeepConfig
+    >>> KeepConfig.coerce("keep").rehearsal > 0
+    True
+    >>> KeepConfig.coerce({"preset": "keep", "kl_lambda": 0.5}).kl_lambda
+    0.5
+    >>> KeepConfig.from_dict({"lambda": 1.0})
+    Traceback (most recent call last):
+    ...
+    secura_plugins.errors.SecuraConfigError: keep.lambda: unknown field; did you mean 'kl_lambda'? ...
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..errors import SecuraConfigError
+
+KL_MODES = ("in_step", "cached")
+FORMATS = ("auto", "plain", "chat")
+
+#: Named settings. ``keep`` is the library's recommendation: on the real-model lab
+#: (BENCHMARKS.md, "Keep what the base knew") rehearsal plus the KL anchor kept 84% of the
+#: probe (LoRA: 21-30%) at +0.08 nats, where rehearsal alone kept 56% at +0.48 nats.
+KEEP_PRESETS: dict[str, dict[str, Any]] = {
+    "keep": {
+        "rehearsal": 64,
+        "ratio": 0.5,
+        "generic_share": 0.5,
+        "kl_lambda": 1.0,
+        "kl_on_task": False,
+    },
+    "rehearsal-only": {"rehearsal": 64, "ratio": 0.5, "kl_lambda": 0.0},
+}
+
+_ALIASES = {"lambda": "kl_lambda", "lam": "kl_lambda", "n": "rehearsal", "mix": "ratio"}
+
+
+@dataclass
+class KeepConfig:
+    """How the model keeps what its base knew, without the base's training data.
+
+    Args:
+        rehearsal: number of self-rehearsal examples the base writes before the task
+            (0 switches self-rehearsal off; the KL anchor then needs ``kl_on_task``).
+        ratio: share of rehearsal rows in the mixed training set, in [0, 1). 0 keeps the
+            rows for the KL anchor and SC-LoRA only, without training on them.
+        generic_share: share of rehearsal prompts in generic shapes (the rest follow the
+            shapes of the task's prompts).
+        kl_lambda: weight of ``KL(p_base || p_model)``; 0 switches the anchor off.
+        kl_on_task: also anchor on the task's own rows (not only on rehearsal rows).
+        kl_mode: ``in_step`` (teacher forward with the adapter disabled, every step) or
+            ``cached`` (the base's top-``kl_topk`` log-probabilities of every rehearsal
+            row, computed once after generation; task rows still use ``in_step``).
+        kl_topk: tokens kept per position by the cache.
+        max_new_tokens: longest answer the base writes.
+        max_seconds: time bound of the generation (rows written so far are kept).
+        temperature, top_p: sampling of new prompts (answers are greedy).
+        batch_size: prompts generated per ``generate`` call.
+        format: ``plain`` prompts, ``chat`` (the tokenizer's chat template), or ``auto``
+            (chat when the task's rows are conversations).
+        seed: seed of every random choice of the generation.
+    """
+
+    rehearsal: int = 64
+    ratio: float = 0.5
+    generic_share: float = 0.5
+    kl_lambda: float = 1.0
+    kl_on_task: bool = False
+    kl_mode: str = "in_step"
+    kl_topk: int = 64
+    max_new_tokens: int = 16
+    max_seconds: float = 600.0
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 16
+    format: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> SecuraConfigError:
+            return SecuraConfigError(f"keep.{name}", why)
+
+        for name in ("rehearsal", "kl_topk", "max_new_tokens", "batch_size", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(name, f"must be a non-negative integer, got {value!r}")
+        for name in ("kl_topk", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= float(self.ratio) < 1.0:
+            raise bad("ratio", f"must lie in [0, 1), got {self.ratio}; 0.3-0.5 is typical")
+        if not 0.0 <= float(self.generic_share) <= 1.0:
+            raise bad("generic_share", f"must lie in [0, 1], got {self.generic_share}")
+        if float(self.kl_lambda) < 0:
+            raise bad("kl_lambda", f"must be >= 0, got {self.kl_lambda}")
+        if float(self.max_seconds) <= 0 or float(self.temperature) <= 0:
+            raise bad("max_seconds/temperature", "must be > 0")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise bad("top_p", f"must lie in (0, 1], got {self.top_p}")
+        if self.kl_mode not in KL_MODES:
+            raise bad("kl_mode", f"must be one of {KL_MODES}, got {self.kl_mode!r}")
+        if self.format not in FORMATS:
+            raise bad("format", f"must be one of {FORMATS}, got {self.format!r}")
+        if self.rehearsal == 0 and self.kl_lambda > 0 and not self.kl_on_task:
+            raise bad(
+                "kl_lambda",
+                "the anchor has no inputs: rehearsal is 0 and kl_on_task is false; "
+                "set rehearsal > 0 or kl_on_task: true",
+            )
+
+    @property
+    def anchors(self) -> bool:
+        """True when the KL term is on."""
+        return self.kl_lambda > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> KeepConfig:
+        """Build from a mapping, rejecting unknown keys by name; ``preset`` picks a base."""
+        data = dict(data or {})
+        preset = data.pop("preset", None)
+        base: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in KEEP_PRESETS:
+                raise SecuraConfigError(
+                    "keep.preset", f"unknown preset {preset!r}; choose one of {sorted(KEEP_PRESETS)}"
+                )
+            base = dict(KEEP_PRESETS[preset])
+        names = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in names:
+                hint = [_ALIASES[key]] if key in _ALIASES else []
+                hint = hint or difflib.get_close_matches(str(key), names, n=1)
+                fix = f"did you mean {hint[0]!r}? " if hint else ""
+                raise SecuraConfigError(
+                    f"keep.{key}", f"unknown field; {fix}valid fields: preset, {', '.join(names)}"
+                )
+        return cls(**{**base, **data})
+
+    @classmethod
+    def coerce(cls, value: KeepConfig | Mapping[str, Any] | str | bool | None) -> KeepConfig | None:
+        """A ``KeepConfig`` from a config, a dict, a preset name, ``True`` (the ``keep``
+        preset), or None/False (off)."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            value = "keep"
+        if isinstance(value, KeepConfig):
+            return value
+        if isinstance(value, str):
+            return cls.from_dict({"preset": value})
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise SecuraConfigError(
+            "keep", f"must be a preset name, a dict of KeepConfig fields or a KeepConfig, got "
+            f"{type(value).__name__}"
+        )

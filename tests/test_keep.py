@@ -1,0 +1,238 @@
+"""The keep tools: disable_adapter is the base for every method, self-rehearsal (seeded,
+deduplicated, probe-free), the KL anchor through the real TRL SFTTrainer (logged,
+non-zero, mixed rows, exact resume), SC-LoRA's preserve side, and interpolation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from trl_helpers import sft_config, text_dataset
+
+from secura_plugins import AdapterConfig, apply_adapter
+from secura_plugins.io import load_adapter, save_adapter
+from secura_plugins.keep import REHEARSAL_FILE, Keep, KeepConfig, generate_rehearsal
+from secura_plugins.keep.rehearsal import adapter_disabled, normalize_prompt
+from secura_plugins.methods.secura import secura_cores
+from secura_plugins.tiny import build_tiny_model, build_tokenizer
+
+torch.set_num_threads(1)
+METHODS = ["lora", "dora", "secura", "curlora", "sclora"]
+
+
+def _adapted(method: str, tok, seed: int = 0):
+    torch.manual_seed(seed)
+    base = build_tiny_model("llama", vocab_size=len(tok))
+    data = {}
+    if method == "sclora":
+        batch = {"input_ids": torch.randint(0, len(tok), (2, 12))}
+        data = {"positive": [batch], "negative": [batch]}
+    model = apply_adapter(base, AdapterConfig(method=method, r=4, merge_every=1), **data)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a trained-looking adapter: every tensor, merged U_acc included
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+        for core in secura_cores(model):
+            core.u_acc.add_(torch.randn(core.u_acc.shape, generator=gen) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_disabled_is_the_base(method):
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    reference = build_tiny_model("llama", vocab_size=len(tok)).eval()
+    ids = torch.randint(0, len(tok), (2, 10))
+    base_logits = reference(ids).logits
+    model = _adapted(method, tok).eval()  # same seed: the same base weights
+    assert not torch.allclose(model(ids).logits, base_logits, atol=1e-4)
+    with adapter_disabled(model):
+        assert torch.allclose(model(ids).logits, base_logits, atol=1e-6)
+
+
+def _rows(model, tok, **kw):
+    cfg = KeepConfig(rehearsal=12, max_new_tokens=4, batch_size=8, seed=3, **kw)
+    prompts = [f"{a}+{b}=" for a in range(6) for b in range(6)]
+    return generate_rehearsal(model, tok, prompts, cfg, progress=False), prompts, cfg
+
+
+def test_rehearsal_is_seeded_deduplicated_and_never_produces_excluded_prompts():
+    tok = build_tokenizer()
+    model = _adapted("lora", tok)
+    rows, prompts, cfg = _rows(model, tok)
+    assert rows and rows == _rows(model, tok)[0]
+    keys = [normalize_prompt(r["prompt"]) for r in rows]
+    assert len(set(keys)) == len(keys)
+    assert not set(keys) & {normalize_prompt(p) for p in prompts}
+    assert {r["kind"] for r in rows} == {"task", "generic"}
+    probe = [r["prompt"].upper() for r in rows[:6]]  # case-insensitive exclusion
+    again = generate_rehearsal(model, tok, prompts, cfg, exclude=probe, progress=False)
+    assert again and not {normalize_prompt(r["prompt"]) for r in again} & set(keys[:6])
+
+
+def test_rehearsal_answers_come_from_the_base_not_the_adapter():
+    tok = build_tokenizer()
+    model = _adapted("lora", tok)
+    rows = _rows(model, tok)[0]
+    torch.manual_seed(0)
+    base = build_tiny_model("llama", vocab_size=len(tok))
+    assert rows == _rows(base, tok)[0]
+
+
+def _trainer(tmp_path, keep, method="lora", **cfg):
+    from trl import SFTTrainer
+
+    from secura_plugins.integrations.trl import SecuraCallback
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = build_tiny_model("llama", vocab_size=len(tok))
+    cb = SecuraCallback(AdapterConfig(method=method, r=4), keep=keep)
+    args = sft_config(tmp_path, learning_rate=1e-2, loss_type="nll", **cfg)
+    return SFTTrainer(
+        model, args=args, train_dataset=text_dataset(32), processing_class=tok, callbacks=[cb]
+    ), cb
+
+
+def _keep(**kw):
+    return Keep(KeepConfig(rehearsal=8, ratio=0.3, max_new_tokens=6, **kw), progress=False)
+
+
+@pytest.mark.parametrize("mode", ["in_step", "cached"])
+def test_sft_trainer_mixes_saves_and_logs_a_nonzero_kl(tmp_path, mode):
+    trainer, cb = _trainer(tmp_path, _keep(kl_mode=mode, kl_on_task=mode == "in_step"))
+    trainer.train()
+    kl = [h["keep/kl"] for h in trainer.state.log_history if "keep/kl" in h]
+    assert len(kl) >= 5 and max(kl) > 0
+    assert len(trainer.train_dataset) == 32 + round(0.3 * 32 / 0.7)
+    keys = {tuple(r) for r in trainer.train_dataset["input_ids"]}
+    assert keys & cb.keep.keys  # the rehearsal rows are in the mixed set
+    saved = [json.loads(x) for x in (tmp_path / REHEARSAL_FILE).read_text().splitlines()[1:]]
+    assert saved == cb.keep.rows and 1 <= len(saved) <= 8  # a random tiny model: some rejected
+
+
+def test_kl_off_logs_nothing_and_rehearsal_still_mixes(tmp_path):
+    trainer, _ = _trainer(tmp_path, _keep(kl_lambda=0.0))
+    trainer.train()
+    assert not any("keep/kl" in h for h in trainer.state.log_history)
+    assert len(trainer.train_dataset) > 32
+
+
+def test_resume_is_exact(tmp_path):
+    from secura_plugins.io import adapter_tensors
+
+    full, full_cb = _trainer(tmp_path / "a", _keep(), max_steps=4)
+    full.train()
+    full_keep_rows = full_cb.keep.rows
+    part, _ = _trainer(tmp_path / "b", _keep(), max_steps=4, save_strategy="steps", save_steps=2)
+    part.train()
+    assert (tmp_path / "b" / "checkpoint-2" / REHEARSAL_FILE).is_file()
+    (tmp_path / "b" / REHEARSAL_FILE).unlink()  # the checkpoint's copy must be used
+    # No time to generate: the rows can only come from the checkpoint.
+    resumed, cb = _trainer(tmp_path / "b", _keep(max_seconds=1e-9), max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    assert cb.keep.rows and cb.keep.rows == full_keep_rows
+    a = adapter_tensors(full.model, "default")
+    b = adapter_tensors(resumed.model, "default")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sclora_preserve_side_is_the_self_rehearsal(tmp_path):
+    trainer, cb = _trainer(tmp_path, _keep(), method="sclora")
+    tok = build_tokenizer()
+    expected = cb.keep.negative_batches(tok)
+    assert len(cb.adapter_data["negative"]) == len(expected)
+    assert all(
+        torch.equal(a["input_ids"], b["input_ids"])
+        for a, b in zip(cb.adapter_data["negative"], expected)
+    )
+    trainer.train()
+
+
+@pytest.mark.parametrize("method", ["lora", "secura", "sclora"])
+def test_scale_zero_is_the_base_and_one_is_the_adapter(tmp_path, method):
+    tok = build_tokenizer()
+    model = _adapted(method, tok).eval()
+    ids = torch.randint(0, len(tok), (2, 10))
+    adapted = model(ids).logits
+    with adapter_disabled(model):
+        base_logits = model(ids).logits
+    save_adapter(model, tmp_path / "ad")
+
+    def loaded(scale):
+        torch.manual_seed(0)
+        fresh = build_tiny_model("llama", vocab_size=len(tok))
+        return load_adapter(fresh, tmp_path / "ad", scale=scale).eval()(ids).logits
+
+    assert torch.allclose(loaded(1.0), adapted, atol=1e-6)
+    assert torch.allclose(loaded(0.0), base_logits, atol=1e-6)
+    half = loaded(0.5)
+    assert not torch.allclose(half, base_logits, atol=1e-4)
+    assert not torch.allclose(half, adapted, atol=1e-4)
+
+
+def test_scale_refuses_dora():
+    from secura_plugins.errors import SecuraConfigError
+    from secura_plugins.keep import scale_update
+
+    with pytest.raises(SecuraConfigError, match="DoRA"):
+        scale_update(_adapted("dora", build_tokenizer()), 0.5)
+
+
+def test_bad_keep_settings_name_the_field():
+    from secura_plugins.errors import SecuraConfigError
+
+    with pytest.raises(SecuraConfigError, match="keep.ratio"):
+        KeepConfig(ratio=1.0)
+    with pytest.raises(SecuraConfigError, match="keep.preset"):
+        KeepConfig.coerce("kepp")
+
+
+def test_recipe_keep_block_runs_rehearsal_and_kl_per_task(tmp_path):
+    from secura_plugins.errors import SecuraConfigError
+    from secura_plugins.recipe import Recipe, run_recipe
+
+    keep = {"rehearsal": 6, "ratio": 0.3, "max_new_tokens": 4, "kl_on_task": True}
+    recipe = Recipe.from_dict({
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"tiny": "llama"},
+        "adapter": {"method": "lora", "r": 4},
+        "training": {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1,
+                     "learning_rate": 1e-2, "use_cpu": True},
+        "tasks": [{"name": "add", "data": {"builtin": "add", "n": 16}},
+                  {"name": "upper", "data": {"builtin": "upper", "n": 16}}],
+        "continual": {"keep": keep},
+    })
+    run_recipe(recipe, progress=False)
+    for i, name in enumerate(["add", "upper"]):
+        task_dir = tmp_path / "run" / f"task-{i}-{name}"
+        assert (task_dir / REHEARSAL_FILE).is_file()
+        state = json.loads(next(task_dir.glob("checkpoint-*/trainer_state.json")).read_text())
+        assert max(h.get("keep/kl", 0.0) for h in state["log_history"]) > 0
+    with pytest.raises(SecuraConfigError, match="keep.kl_lamda"):
+        Recipe.from_dict({"model": {"tiny": "llama"}, "tasks": [{"data": {"builtin": "add"}}],
+                          "continual": {"keep": {"kl_lamda": 1}}})
+
+
+@pytest.mark.parametrize("method", ["lora", "secura"])
+def test_adapter_disabled_is_the_base_on_a_4bit_base(tmp_path, method):
+    from trl_helpers import load_4bit
+
+    from secura_plugins.tiny import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "tiny", "llama")
+    ids = torch.randint(0, 90, (2, 10))
+    base_logits = load_4bit(folder).eval()(ids).logits
+    model = apply_adapter(load_4bit(folder), AdapterConfig(method=method, r=4, merge_every=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+        for core in secura_cores(model):
+            core.u_acc.add_(torch.randn_like(core.u_acc) * 0.2)
+    model.eval()
+    assert not torch.allclose(model(ids).logits, base_logits, atol=1e-4)
+    with adapter_disabled(model):
+        assert torch.equal(model(ids).logits, base_logits)
