@@ -22,11 +22,12 @@ def points(folder: Path) -> list[dict]:
     data = json.loads((folder / "results.json").read_text())
     out = []
     seed = data["config"]["seeds"][0]
+    nf4 = " (NF4 base)" if data["config"]["base"].get("four_bit") else ""
     for s in data.get("sweep", []):
         if s["tasks"][0] == "facts-same" and "nll_rise" in s:
             out.append(
                 {
-                    "method": s["family"],
+                    "method": s["family"] + nf4,
                     "lr": s["lr"],
                     "seed": seed,
                     "learned": s["learning_accuracy"] if len(s["tasks"]) == 1 else None,
@@ -40,7 +41,7 @@ def points(folder: Path) -> list[dict]:
         if r["tasks"][0] == "facts-same" and "nll_rise" in r:
             out.append(
                 {
-                    "method": r["method"],
+                    "method": r["method"] + nf4,
                     "lr": r["lr"],
                     "seed": r["seed"],
                     "learned": r["matrix"][0][0],
