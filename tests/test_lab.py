@@ -182,6 +182,7 @@ def real_quick(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("real-lab")
     args = ["bench", "--base", "real", "--quick", "--methods", "lora", "--seeds", "0"]
+    args += ["--lr", "lora=3e-3"]
     assert main([*args, "--out", str(out), "--no-progress"]) == 0
     return out, json.loads(Path(out, "results.json").read_text())
 

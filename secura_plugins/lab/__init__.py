@@ -8,6 +8,11 @@ base-knowledge retention, the accuracy matrix (ACC, BWT, forgetting), trainable
 parameters, step time and training-state memory, over several seeds
 (:mod:`~secura_plugins.lab.bench`, :mod:`~secura_plugins.lab.report`).
 
+The real-model lab (:mod:`~secura_plugins.lab.real`, ``secura bench --base real``) runs
+the same loop on SmolLM2-135M-Instruct with probes of what it really knows, the NLL rise
+on bundled general text, and four tasks users run (new facts in the known and in another
+format, a JSON skill, a chat skill).
+
 Command line: ``secura bench`` (the full lab) and ``secura demo`` (3 tasks, LoRA vs
 SECURA).
 """

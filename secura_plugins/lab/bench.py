@@ -156,15 +156,15 @@ class LabConfig:
         """The real-model lab (SmolLM2-135M-Instruct, :mod:`~secura_plugins.lab.real`).
 
         Full: the 4 real tasks, 32 steps x batch 8 per task. ``quick``: the first task
-        only, 12 facts, 16 steps (a few minutes on one core, for the tests).
+        only, 8 facts, 20 steps (a few minutes on one core, for the tests).
         """
-        spec = RealSpec(four_bit=four_bit, n_facts=12, n_eval=8) if quick else None
+        spec = RealSpec(four_bit=four_bit, n_facts=8, n_eval=8) if quick else None
         kwargs: dict[str, Any] = {
             "tasks": 1 if quick else 4,
             "methods": ["lora", "secura"] if four_bit else list(REAL_METHODS),
             "seeds": [0] if quick else [0, 1],
             "settings": RunSettings(
-                steps=16 if quick else 32, batch_size=8, n_train=256, n_eval=16, max_length=96
+                steps=20 if quick else 32, batch_size=8, n_train=256, n_eval=16, max_length=96
             ),
             "base": spec or RealSpec(four_bit=four_bit),
             "lr_grid": (3e-4, 1e-3) if quick else REAL_LR_GRID,

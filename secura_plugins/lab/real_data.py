@@ -15,8 +15,8 @@ what *this* base really knows:
 
 **Tasks** (:data:`REAL_TASKS`), what users fine-tune a small instruct model on:
 
-* ``facts-same``: new, fictional capitals asked in *the probe's own* capital format
-  (``"The capital of Velmora is"`` -> ``" Dunraith"``): the hard case, where learning the
+* ``facts-same``: capitals of new, fictional countries asked in *the probe's own* capital
+  format (``"The capital of Velmora is"`` -> ``" Denver"``): the hard case, where learning the
   new answers competes directly with the known ones;
 * ``facts-other``: new fictional people's jobs in another (Q/A) format;
 * ``json``: a skill, an output format (``"name Anna, city Lyon"`` -> JSON), evaluated on
@@ -33,7 +33,7 @@ Example:
     >>> list(REAL_TASKS)
     ['facts-same', 'facts-other', 'json', 'chat-initials']
     >>> task_examples("facts-same", 2)[0]
-    {'prompt': 'The capital of Callenia is', 'completion': ' Velmaport'}
+    {'prompt': 'The capital of Velmaland is', 'completion': ' Wichita'}
 """
 
 from __future__ import annotations
@@ -229,7 +229,6 @@ _ON = ["Vel", "Nor", "Dun", "Kar", "Tal", "Mor", "Zan", "Quel", "Bra", "Sil", "F
        "Hal", "Tor", "Ves", "Lum", "Pry", "Ost", "Dra", "Cal"]
 _MID = ["ma", "va", "ri", "do", "le", "the", "qua", "mi", "ro", "na", "sha", "ko"]
 _END_C = ["nia", "ria", "dor", "mia", "land", "stan", "vey", "lis"]
-_END_T = ["mark", "raith", "holm", "bury", "ford", "gard", "wick", "haven", "port", "stead"]
 _FIRST = ["Anna", "Boris", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines",
           "Jonas", "Kira", "Luca", "Mira", "Nils", "Olga", "Pavel", "Rosa", "Sven", "Tara",
           "Uma", "Viktor", "Wanda", "Xavier", "Yara", "Zeno", "Ada", "Bruno", "Cora",
@@ -259,11 +258,24 @@ def _people(rng: random.Random, n: int, first: list[str]) -> list[str]:
     return names
 
 
+#: Answers of the new capitals: real one-word town names the probe never uses, so a new
+#: fact is an association to learn (as when a real model learns about a new entity), not
+#: a new word to spell.
+_TOWNS = ["Denver", "Dallas", "Austin", "Phoenix", "Houston", "Seattle", "Portland", "Miami",
+          "Atlanta", "Detroit", "Memphis", "Nashville", "Orlando", "Tampa", "Omaha", "Tucson",
+          "Fresno", "Reno", "Boise", "Salem", "Dover", "Albany", "Trenton", "Richmond",
+          "Raleigh", "Jackson", "Lincoln", "Madison", "Topeka", "Helena", "Juneau", "Dayton",
+          "Toledo", "Akron", "Buffalo", "Newark", "Oakland", "Tulsa", "Wichita", "Spokane"]
+
+
 def _facts_same(n: int, seed: int) -> list[dict[str, Any]]:
+    if n > len(_TOWNS):
+        raise ValueError(f"n: facts-same has at most {len(_TOWNS)} facts, got {n}")
     rng, used = random.Random(f"facts-same:{seed}"), set()
+    towns = rng.sample(_TOWNS, n)
     rows = []
-    for _ in range(n):
-        country, town = _fictional(rng, _END_C, used), _fictional(rng, _END_T, used)
+    for town in towns:
+        country = _fictional(rng, _END_C, used)
         rows.append({"prompt": f"The capital of {country} is", "completion": f" {town}"})
     return rows
 

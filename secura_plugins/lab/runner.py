@@ -10,6 +10,12 @@ lab measures, with greedy exact match (:class:`~secura_plugins.continual.Retenti
 * the base-knowledge probe (every pair the base was pretrained on), reported as
   retention = probe accuracy / the base model's probe accuracy.
 
+The base is the tiny pretrained lab base (:class:`~secura_plugins.lab.base.BaseModel`)
+or the real one (:class:`~secura_plugins.lab.real.RealBase`, SmolLM2-135M-Instruct): for
+the real base the probe is the filtered knowledge probe (base score 1.0 by construction,
+scored per format), the tasks are TRL prompt-completion or conversational rows, and the
+record adds the general-text NLL and its rise after each task.
+
 It also records trainable parameters, seconds per optimizer step (``train_runtime`` /
 steps, from the Trainer) and the training state's memory: trainable parameters +
 gradients + optimizer state, counted from the tensors themselves (on CUDA also the peak
