@@ -20,7 +20,7 @@ import difflib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import SecuraConfigError
+from .errors import SecuraConfigError, did_you_mean
 
 DEFAULT_TARGET_MODULES = (
     "q_proj",
@@ -198,9 +198,7 @@ class AdapterConfig:
         names = [f.name for f in fields(cls)]
         for key in data:
             if key not in names:
-                hint = [FIELD_ALIASES[key]] if key in FIELD_ALIASES else []
-                hint = hint or difflib.get_close_matches(str(key), names, n=1)
-                fix = f"did you mean {hint[0]!r}? " if hint else ""
+                fix = did_you_mean(key, names, FIELD_ALIASES)
                 raise SecuraConfigError(
                     str(key), f"unknown field; {fix}valid fields: {', '.join(names)}"
                 )
@@ -232,8 +230,7 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        hint = difflib.get_close_matches(str(value), choices, n=1)
-        fix = f"did you mean {hint[0]!r}? " if hint else ""
+        fix = did_you_mean(value, choices)
         raise SecuraConfigError(name, f"got {value!r}; {fix}choose one of {', '.join(choices)}")
 
 

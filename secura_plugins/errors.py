@@ -25,3 +25,23 @@ class ExportError(SecuraError, RuntimeError):
 
 class TrainingDivergedError(SecuraError, RuntimeError):
     """The loss or an adapter tensor became NaN/inf; training stopped before saving it."""
+
+
+def did_you_mean(
+    value: object, choices: list[str] | tuple[str, ...], aliases: dict[str, str] | None = None
+) -> str:
+    """``"did you mean 'x'? "`` for the closest of ``choices`` (or ``aliases[value]``), else ``""``.
+
+    Example:
+        >>> did_you_mean("lamda", ["lam", "r"], {"lambda": "lam"})
+        "did you mean 'lam'? "
+        >>> did_you_mean("lambda", ["lam", "r"], {"lambda": "lam"})
+        "did you mean 'lam'? "
+        >>> did_you_mean("zzz", ["lam", "r"])
+        ''
+    """
+    import difflib
+
+    alias = (aliases or {}).get(str(value))
+    hint = [alias] if alias in choices else difflib.get_close_matches(str(value), choices, n=1)
+    return f"did you mean {hint[0]!r}? " if hint else ""

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import AdapterConfig
-from .errors import SecuraConfigError
+from .errors import SecuraConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ def builtin_rows(name: str, n: int, seed: int = 0) -> list[dict[str, str]]:
 
 # --------------------------------------------------------------------------- validation
 def _unknown(path: str, key: str, known: list[str], what: str = "field") -> SecuraConfigError:
-    hint = difflib.get_close_matches(str(key), known, n=1)
-    fix = f"did you mean {hint[0]!r}? " if hint else ""
+    fix = did_you_mean(key, known)
     name = f"{path}.{key}" if path else str(key)
     return SecuraConfigError(name, f"unknown {what}; {fix}valid: {', '.join(known)}")
 

@@ -19,12 +19,11 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..errors import SecuraConfigError
+from ..errors import SecuraConfigError, did_you_mean
 
 KL_MODES = ("in_step", "cached")
 FORMATS = ("auto", "plain", "chat")
@@ -143,9 +142,7 @@ class KeepConfig:
         names = [f.name for f in fields(cls)]
         for key in data:
             if key not in names:
-                hint = [_ALIASES[key]] if key in _ALIASES else []
-                hint = hint or difflib.get_close_matches(str(key), names, n=1)
-                fix = f"did you mean {hint[0]!r}? " if hint else ""
+                fix = did_you_mean(key, names, _ALIASES)
                 raise SecuraConfigError(
                     f"keep.{key}", f"unknown field; {fix}valid fields: preset, {', '.join(names)}"
                 )

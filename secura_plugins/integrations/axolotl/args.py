@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from secura_plugins.errors import did_you_mean
+
 #: The value of ``adapter:`` that this plugin owns.
 ADAPTER_NAME = "secura"
 #: Dotted path users put under ``plugins:``.
@@ -60,9 +62,7 @@ class _StrictBlock(BaseModel):
         names = list(cls.model_fields)
         for key in data:
             if key not in names:
-                hint = [aliases[key]] if aliases.get(key) in names else []
-                hint = hint or difflib.get_close_matches(str(key), names, n=1)
-                fix = f"did you mean {hint[0]!r}? " if hint else ""
+                fix = did_you_mean(key, names, aliases)
                 raise ValueError(
                     f"{cls.block_path}.{key}: unknown field; {fix}valid fields: {', '.join(names)}"
                 )
