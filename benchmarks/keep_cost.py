@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from speed import _status_kib  # benchmarks/ is sys.path[0] when run as a script
 
 CONFIGS: dict[str, dict | None] = {
     "lora": None,
@@ -55,11 +56,6 @@ def task_rows(n: int = 64) -> list[dict[str, str]]:
     return rows
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(name: str, rows_path: Path, steps: int, device: str) -> dict:

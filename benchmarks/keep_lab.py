@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from speed import _status_kib  # benchmarks/ is sys.path[0] when run as a script
 
 #: name -> (adapter method, KeepConfig fields or None). Rehearsal rows = task rows at
 #: ratio 0.5, so every rehearsal row is used once per epoch.
@@ -43,11 +44,6 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
 }
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def untouched(probe: list[tuple[str, str]], rows: list[dict[str, str]]) -> list[tuple[str, str]]:
