@@ -33,7 +33,7 @@ Example:
     >>> list(REAL_TASKS)
     ['facts-same', 'facts-other', 'json', 'chat-initials']
     >>> task_examples("facts-same", 2)[0]
-    {'prompt': 'The capital of Velmaland is', 'completion': ' Wichita'}
+    {'prompt': 'The capital of Normania is', 'completion': ' Wichita'}
 """
 
 from __future__ import annotations
