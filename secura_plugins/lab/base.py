@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..real_model import default_cache_dir
 from .data import copy_pairs, knowledge_pairs
 
 logger = logging.getLogger(__name__)
@@ -42,12 +43,6 @@ __all__ = ["BaseModel", "BaseSpec", "default_cache_dir", "pretrain_base"]
 
 #: Bumped when the pretraining procedure changes (invalidates cached bases).
 _FORMAT = 1
-
-
-def default_cache_dir() -> Path:
-    """``$SECURA_LAB_CACHE``, else ``~/.cache/secura-plugins/lab``."""
-    env = os.environ.get("SECURA_LAB_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "secura-plugins" / "lab"
 
 
 @dataclass(frozen=True)
