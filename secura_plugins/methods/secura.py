@@ -76,6 +76,7 @@ from torch.nn import functional as F
 from ..hookspecs import hookimpl
 from .base import CORE_ATTR, AdapterMethod, adapter_dtype, layer_device, layer_seed
 from .cur import CURCore, CURVariant, attach_cur, cur_factors
+from .secura_options import SecuraOptions
 
 
 class SecuraCore(CURCore):
@@ -268,6 +269,38 @@ class SecuraMethod(AdapterMethod):
     """SECURA (CABR + S-MagNorm + M1/M2)."""
 
     name = "secura"
+    options_class = SecuraOptions
+
+    def export_note(self, config: Any) -> str | None:
+        if config.options.smagnorm == "off":
+            return None
+        return (
+            f"S-MagNorm is {config.options.smagnorm!r}: the exported checkpoint holds the "
+            "un-gated linear update, so its outputs differ from the adapted model's"
+        )
+
+    def periodic_merge(self, config: Any) -> str | None:
+        return None if config.options.merge == "none" else config.options.merge
+
+    def before_anchor(self, model: nn.Module) -> int:
+        """Fold pending updates (``A @ B``) into ``U_acc`` so that ``B`` is zero.
+
+        Under M1/M2, ``B`` is reset to zero at every merge, so an EWC anchor with
+        ``B* != 0`` would pull ``B`` back to ``B*`` after each merge and the merge would
+        add ``A B*`` to ``U_acc`` again and again. Returns the number of cores merged.
+        """
+        merged = 0
+        for core in secura_cores(model):
+            if core.merge != "none" and bool(core.B.detach().abs().sum() > 0):
+                core.merge_()
+                merged += 1
+        return merged
+
+    def stats(self, model: nn.Module) -> dict[str, float]:
+        return secura_stats(secura_cores(model))
+
+    def state_tensors(self, model: nn.Module) -> list[torch.Tensor]:
+        return [core.u_acc for core in secura_cores(model)]
 
     def attach(
         self,
@@ -280,17 +313,18 @@ class SecuraMethod(AdapterMethod):
         prepared: Any = None,
     ) -> None:
         base = layer.get_base_layer()
-        r, k = config.r, config.core_width
+        opts: SecuraOptions = config.options
+        r, k = config.r, opts.core_width(config.r)
         core = SecuraCore(
             r,
             k,
             base.out_features,
-            smagnorm=config.smagnorm,
-            smagnorm_scale=config.smagnorm_scale,
-            eps=config.eps,
-            merge=config.merge,
-            merge_every=config.merge_every,
-            output_bias=config.output_bias,
+            smagnorm=opts.smagnorm,
+            smagnorm_scale=opts.smagnorm_scale,
+            eps=opts.eps,
+            merge=opts.merge,
+            merge_every=opts.merge_every,
+            output_bias=opts.output_bias,
             dtype=adapter_dtype(config),
             device=layer_device(layer),
         )
@@ -301,7 +335,7 @@ class SecuraMethod(AdapterMethod):
                 mean_sq = float(row_sq.sum()) / weight.numel()
                 _init_a(core.A, weight, config, layer_name, mean_sq=mean_sq)
             return select_directions(
-                weight, r, config.cr_select, col_sq, row_sq, layer_seed(config.seed, layer_name)
+                weight, r, opts.cr_select, col_sq, row_sq, layer_seed(config.seed, layer_name)
             )
 
         attach_cur(layer, adapter_name, config, core, SecuraVariant, select=select, init=init)
@@ -334,7 +368,8 @@ def _init_a(
     A: torch.Tensor, weight: torch.Tensor, config: Any, layer_name: str, *, mean_sq: float
 ) -> None:
     r, k = A.shape
-    if config.a_init == "released":
+    opts = config.options
+    if opts.a_init == "released":
         # The authors' code: the top-left r x k block of W (padded if W is narrower).
         block = weight[:r, :k]
         A.zero_()
@@ -345,8 +380,8 @@ def _init_a(
         q, _ = torch.linalg.qr(torch.randn(k, r, generator=gen, dtype=torch.float32))
         rms = mean_sq**0.5
         A.copy_((q.T * rms * (k**0.5)).to(A.dtype))
-    if config.a_scale != 1.0:
-        A.mul_(config.a_scale)
+    if opts.a_scale != 1.0:
+        A.mul_(opts.a_scale)
 
 
 @torch.no_grad()
@@ -424,6 +459,7 @@ __all__ = [
     "CORE_ATTR",
     "SecuraCore",
     "SecuraMethod",
+    "SecuraOptions",
     "SecuraVariant",
     "select_directions",
     "smagnorm_gate",
