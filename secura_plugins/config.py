@@ -343,9 +343,7 @@ def _split_options(
         if owner is None:
             valid = AdapterConfig.field_names(method)
             fix = did_you_mean(key, valid, _aliases(method))
-            raise SecuraConfigError(
-                key, f"unknown field; {fix}valid fields: {', '.join(valid)}"
-            )
+            raise SecuraConfigError(key, f"unknown field; {fix}valid fields: {', '.join(valid)}")
         foreign[key] = owner
     return own, foreign
 

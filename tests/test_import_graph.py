@@ -66,10 +66,13 @@ def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
                     for a in node.names
                 ]
             elif isinstance(node, ast.Dict) and mod == PACKAGE:  # the PEP 562 _LAZY table
-                for key, value in zip(node.keys, node.values, strict=False):
-                    if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                        if value.value.startswith("."):
-                            targets.append(_resolve(mod, True, 1, value.value[1:]))
+                for value in node.values:
+                    if (
+                        isinstance(value, ast.Constant)
+                        and isinstance(value.value, str)
+                        and value.value.startswith(".")
+                    ):
+                        targets.append(_resolve(mod, True, 1, value.value[1:]))
             for target in targets:
                 if not target.startswith(PACKAGE):
                     continue

@@ -47,6 +47,7 @@ class AdapterSettings(Protocol):
     @property
     def scaling(self) -> float: ...
 
+
 #: Number of base-weight entries kept per layer to recognise the base later.
 FINGERPRINT_SIZE = 64
 #: Name of the per-adapter container that methods add to a PEFT LoRA layer.

@@ -238,7 +238,12 @@ class SCLoRAMethod(AdapterMethod):
         if data:
             raise TypeError(f"sclora: unexpected calibration arguments {sorted(data)}")
         return calibrate(
-            model, layers, positive, negative, beta=config.options.beta, layers_per_pass=layers_per_pass
+            model,
+            layers,
+            positive,
+            negative,
+            beta=config.options.beta,
+            layers_per_pass=layers_per_pass,
         )
 
     def attach(
