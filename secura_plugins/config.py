@@ -220,6 +220,14 @@ class AdapterConfig:
             object.__setattr__(self, name, value)
 
     @property
+    def adapter_method(self) -> Any:
+        """The registered :class:`~secura_plugins.methods.base.AdapterMethod` of ``method``
+        (its capabilities tell hosts what to do; nothing branches on method names)."""
+        from .manager import get_plugin_manager
+
+        return get_plugin_manager().get_method(self.method)
+
+    @property
     def core_width(self) -> int:
         """SECURA's k (4 r when not set)."""
         k = getattr(self.options, "k", None)
@@ -310,13 +318,17 @@ def _all_options(method: str | None) -> dict[str, str]:
     return out
 
 
-def _owner_of(name: str) -> str | None:
-    """The registered method whose options have a field ``name``, if any."""
+def _owner_of(name: str, value: Any = MISSING) -> str | None:
+    """The registered method whose options have a field ``name``, if any (``value``, when
+    given, is checked against that field: a bad value is an error even where ignored)."""
     from .manager import get_plugin_manager
 
     for m in get_plugin_manager().methods:
-        if name in {f.name for f in fields(m.options_class)}:
-            return m.name
+        for f in fields(m.options_class):
+            if f.name == name:
+                if value is not MISSING:
+                    check_value(name, value, f.metadata)
+                return m.name
     return None
 
 
@@ -339,7 +351,7 @@ def _split_options(
         if key in own_names:
             own[key] = value
             continue
-        owner = _owner_of(key)
+        owner = _owner_of(key, value)
         if owner is None:
             valid = AdapterConfig.field_names(method)
             fix = did_you_mean(key, valid, _aliases(method))

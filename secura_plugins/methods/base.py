@@ -98,10 +98,10 @@ class AdapterMethod:
         """Cheap statistics to log (SECURA: merge count and mean S-MagNorm gate)."""
         return {}
 
-    def state_tensors(self, model: nn.Module) -> list[torch.Tensor]:
-        """Tensors that training changes besides the trainable parameters (checked for
-        NaN/inf with them; SECURA's merge accumulators)."""
-        return []
+    def state_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors that training changes besides the trainable parameters, by a name for
+        messages (checked for NaN/inf with them; SECURA's merge accumulators)."""
+        return {}
 
     # ----------------------------------------------------------------- lifecycle
 

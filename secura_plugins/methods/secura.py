@@ -299,8 +299,8 @@ class SecuraMethod(AdapterMethod):
     def stats(self, model: nn.Module) -> dict[str, float]:
         return secura_stats(secura_cores(model))
 
-    def state_tensors(self, model: nn.Module) -> list[torch.Tensor]:
-        return [core.u_acc for core in secura_cores(model)]
+    def state_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {f"u_acc #{i}": core.u_acc for i, core in enumerate(secura_cores(model))}
 
     def attach(
         self,

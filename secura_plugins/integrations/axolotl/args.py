@@ -222,7 +222,7 @@ class SecuraSettings(_StrictBlock):
     @field_validator("keep", mode="before")
     @classmethod
     def _check_keep(cls, value: Any) -> Any:
-        from secura_plugins.keep import KeepConfig
+        from secura_plugins.keep.config import KeepConfig
 
         coerced = KeepConfig.coerce(value)  # SecuraConfigError is a ValueError: named field
         return None if coerced is None else coerced.to_dict()
@@ -275,7 +275,7 @@ class SecuraArgs(BaseModel):
         config = adapter_config_from_cfg(data)  # SecuraConfigError names the field and fix
         settings = secura_settings(data)
         _check_state_files(settings)
-        if config.method == "sclora" and not data.get("lora_model_dir"):
+        if config.adapter_method.needs_calibration and not data.get("lora_model_dir"):
             calibration = settings.calibration
             if calibration is None or not calibration.negative:
                 raise ValueError(
