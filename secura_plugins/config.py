@@ -332,6 +332,11 @@ def _owner_of(name: str, value: Any = MISSING) -> str | None:
     return None
 
 
+def adapter_aliases() -> dict[str, str]:
+    """Other spellings -> field, of the common fields and every method's options."""
+    return _aliases("")
+
+
 def _aliases(method: str) -> dict[str, str]:
     from .manager import get_plugin_manager
 
