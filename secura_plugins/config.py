@@ -76,7 +76,14 @@ def _help(text: str, default: Any = MISSING, factory: Any = MISSING, **checks: A
 def _method_options(method: str) -> type[MethodOptions]:
     from .manager import get_plugin_manager
 
-    return get_plugin_manager().get_method(method).options_class
+    cls = get_plugin_manager().get_method(method).options_class
+    clash = sorted({f.name for f in fields(cls)} & {f.name for f in fields(AdapterConfig)})
+    if clash:
+        raise TypeError(
+            f"adapter method {method!r}: its options class {cls.__name__} redefines the common "
+            f"field(s) {', '.join(clash)} of AdapterConfig; rename them"
+        )
+    return cls
 
 
 @dataclass(init=False)
