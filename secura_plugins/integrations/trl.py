@@ -905,13 +905,9 @@ class ContinualTrainerMixin:
         self._secura_consolidates = callback is None
 
     def _penalty_scale(self, num_items_in_batch: Any) -> float:
-        # Trainer divides the loss by the accumulation steps only when the model does not
-        # normalise it itself (see Trainer.training_step); the penalty must count once.
-        steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
-        model_normalises = (
-            getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
-        ) or getattr(self, "compute_loss_func", None) is not None
-        return 1.0 / steps if model_normalises else 1.0
+        from ..continual.ewc import penalty_scale
+
+        return penalty_scale(self, num_items_in_batch)
 
     def compute_loss(
         self,
