@@ -105,7 +105,26 @@ def test_flat_configs_of_v01_still_work() -> None:
     assert AdapterConfig.from_dict(again.to_dict()) == again
     assert AdapterConfig.from_dict({"method": "sclora", "r": 4, "beta": 0.3}).beta == 0.3
     cfg.merge_every = 5  # flat writes reach the options
-    assert cfg.options.merge_every == 5
+    assert cfg.merge_every == 5 and cfg.to_dict()["merge_every"] == 5
+    # A recipe's and the axolotl plugin's flat adapter keys.
+    import yaml
+
+    from secura_plugins.integrations.axolotl.args import adapter_config_from_cfg
+    from secura_plugins.recipe import Recipe
+
+    recipe = Recipe.from_dict(
+        yaml.safe_load(
+            "model: {tiny: llama}\n"
+            "adapter: {method: secura, r: 4, k: 8, smagnorm: off, merge: m2, merge_every: 3}\n"
+            "training: {max_steps: 1}\n"
+            "tasks: [{name: add, data: {builtin: add, n: 4}}]\n"
+        )
+    )
+    assert (recipe.adapter.k, recipe.adapter.smagnorm, recipe.adapter.merge) == (8, "off", "m2")
+    axo = adapter_config_from_cfg(
+        yaml.safe_load("lora_r: 4\nsecura: {method: secura, k: 8, smagnorm: off, merge: m2}")
+    )
+    assert (axo.r, axo.k, axo.smagnorm, axo.merge) == (4, 8, "off", "m2")
     # 0.1.0 saved every field of every method flat; loading drops the other methods'.
     saved = json.loads((DATA / "lora" / "adapter_config.json").read_text())["secura"]["config"]
     assert {"k", "smagnorm", "beta"} <= set(saved)
