@@ -51,26 +51,22 @@ FIELD_ALIASES = {
 
 
 def __getattr__(name: str) -> Any:
-    # Names that moved to SECURA's options module (PEP 562, so this module stays light).
-    if name in _MOVED:
-        from .methods import secura_options
+    # SECURA's choices and saved defaults moved to its options module (deprecated here).
+    moved = {"SAVED_DEFAULTS": "SecuraOptions.saved_defaults"}
+    moved |= {n: n for n in ("SMAGNORM_MODES", "MERGE_STRATEGIES", "A_INITS", "CR_SELECTIONS")}
+    if name not in moved:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"secura_plugins.config.{name} moved to "
+        f"secura_plugins.methods.secura_options.{moved[name]}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    from .methods import secura_options
 
-        return getattr(secura_options, _MOVED[name])
     if name == "SAVED_DEFAULTS":
-        return _method_options("secura").saved_defaults
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_MOVED = {
-    "SMAGNORM_MODES": "SMAGNORM_MODES",
-    "MERGE_STRATEGIES": "MERGE_STRATEGIES",
-    "A_INITS": "A_INITS",
-    "CR_SELECTIONS": "CR_SELECTIONS",
-}
-
-
-def _help(text: str, default: Any = MISSING, factory: Any = MISSING, **checks: Any) -> Any:
-    return option(text, default, factory=factory, **checks)
+        return secura_options.SecuraOptions.saved_defaults
+    return getattr(secura_options, name)
 
 
 def _method_options(method: str) -> type[MethodOptions]:
@@ -99,23 +95,23 @@ class AdapterConfig:
         AdapterConfig(method="secura", r=8, merge="m2").merge  ->  'm2'
     """
 
-    method: str = _help(
+    method: str = option(
         "Adapter method: 'secura', 'curlora', 'sclora', the baselines 'lora' and 'dora', "
         "or a name registered by a third-party plugin.",
         "secura",
     )
-    r: int = _help(
+    r: int = option(
         "Rank: number of rows/columns of W kept by SECURA and CURLoRA (C is d_out x r, "
         "R is r x d_in), or the LoRA rank of sclora/lora/dora.",
         16,
         integer=True,
         minimum=1,
     )
-    target_modules: list[str] | str = _help(
+    target_modules: list[str] | str = option(
         "Module-name suffixes of the linear layers to adapt, or 'all-linear'.",
         factory=lambda: list(DEFAULT_TARGET_MODULES),
     )
-    lora_alpha: float | None = _help(
+    lora_alpha: float | None = option(
         "Scaling numerator: the adapter output is multiplied by lora_alpha / r. None means r "
         "(scale 1).",
         None,
@@ -123,16 +119,16 @@ class AdapterConfig:
         low_open=True,
         optional=True,
     )
-    lora_dropout: float = _help(
+    lora_dropout: float = option(
         "Dropout on the adapter input, in [0, 1).", 0.0, low=0.0, high=1.0, high_open=True
     )
-    adapter_dtype: str = _help(
+    adapter_dtype: str = option(
         "dtype of adapter tensors (C, R, cores). float32 is the safe default, also on 4-bit "
         "and bf16 bases.",
         "float32",
         choices=ADAPTER_DTYPES,
     )
-    seed: int = _help(
+    seed: int = option(
         "Seed of every random choice (CURLoRA sampling, A init).", 0, integer=True, minimum=0
     )
     options: MethodOptions = field(
