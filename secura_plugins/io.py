@@ -114,10 +114,6 @@ def _sha256(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- save
-def _require_adapted(model: Any) -> tuple[AdapterConfig, str]:
-    return require_adapted(model)
-
-
 def adapter_tensors(
     model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -155,7 +151,7 @@ def save_adapter(
     Refuses to write an adapter holding NaN or inf, naming the layer, so a diverged run
     never overwrites a good adapter.
     """
-    config, adapter_name = _require_adapted(model)
+    config, adapter_name = require_adapted(model)
     target = Path(path)
     if _is_new_or_adapter_dir(target):
         _prepare_dir(target.parent)
@@ -337,7 +333,7 @@ def load_adapter_weights(
     Every key must be present with the right shape; ``check_base`` compares the stored
     fingerprints of the base weights with ``model``'s (cosine >= 0.9 per layer).
     """
-    config, adapter_name = _require_adapted(model)
+    config, adapter_name = require_adapted(model)
     folder = Path(path)
     meta = read_adapter_config(folder)
     block = meta["secura"]

@@ -40,8 +40,7 @@ from .manager import get_plugin_manager
 from .methods.base import AdapterMethod
 from .quant import keep_4bit_layout
 
-# Kept importable from here (their home is secura_plugins.layers).
-_freeze_all_but_adapter = freeze_all_but_adapter
+# adapter_layers & co. stay importable from here (their home is secura_plugins.layers).
 __all__ = [
     "ADAPTER_CONTAINERS",
     "SecuraModelMixin",
