@@ -18,18 +18,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
-from .config import AdapterConfig  # noqa: E402
-from .errors import AdapterLoadError, ExportError, SecuraConfigError, SecuraError  # noqa: E402
-from .hookspecs import hookimpl  # noqa: E402
+from ._version import __version__
+from .config import AdapterConfig
+from .errors import AdapterLoadError, ExportError, SecuraConfigError, SecuraError
+from .hookspecs import hookimpl
 
 # The rest imports torch, PEFT and transformers: loaded on first use (PEP 562), so the
 # ``secura`` command can quiet their import-time notices before they print (cli.main).
 _LAZY = {
-    "export_merged": ".io",
-    "load_adapter": ".io",
-    "merge_adapter_into_base": ".io",
+    "export_merged": ".export",
+    "load_adapter": ".model",
+    "merge_adapter_into_base": ".export",
     "save_adapter": ".io",
     "get_plugin_manager": ".manager",
     "adapter_stats": ".model",
@@ -40,7 +39,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .io import export_merged, load_adapter, merge_adapter_into_base, save_adapter
+    from .export import export_merged, merge_adapter_into_base
+    from .io import save_adapter
     from .manager import get_plugin_manager
     from .model import (
         adapter_stats,
@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
         convert_peft_model,
         count_parameters,
         is_adapted,
+        load_adapter,
     )
 
 

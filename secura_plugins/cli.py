@@ -126,7 +126,7 @@ def _adapter_base(adapter: str, base: str | None) -> str:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .io import merge_adapter_into_base
+    from .export import merge_adapter_into_base
 
     base = _adapter_base(args.adapter, args.base)
     out = merge_adapter_into_base(
@@ -194,7 +194,7 @@ def _eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .continual.probe import RetentionProbe
-    from .io import load_adapter
+    from .model import load_adapter
 
     pairs = _pairs(args.probe)
     base_path = _adapter_base(args.adapter, args.base)
@@ -274,7 +274,7 @@ def _forgetting_models(
     """
     from transformers import AutoTokenizer
 
-    from .io import load_adapter
+    from .model import load_adapter
     from .real_model import resolve_model_path
 
     folder = Path(model_path)

@@ -48,22 +48,13 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import AdapterConfig
 from .errors import AdapterLoadError, ExportError, SecuraConfigError, SecuraError
 from .faults import kill_point
+from .layers import adapter_layers, adapter_modules, freeze_all_but_adapter, require_adapted
 from .manager import get_plugin_manager
 from .methods.base import CORE_ATTR, base_weight, fingerprint, fingerprint_match
-from .model import (
-    SecuraModelMixin,
-    _build,
-    _freeze_all_but_adapter,
-    _inject,
-    _promote,
-    adapter_layers,
-    adapter_modules,
-)
-from .quant import keep_4bit_layout
 
 logger = logging.getLogger(__name__)
 
@@ -123,15 +114,6 @@ def _sha256(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- save
-def _require_adapted(model: Any) -> tuple[AdapterConfig, str]:
-    if not isinstance(model, SecuraModelMixin):
-        raise SecuraError(
-            "this model carries no secura-plugins adapter; build it with apply_adapter, "
-            "convert_peft_model or load_adapter"
-        )
-    return model.secura_config, model.secura_adapter_name
-
-
 def adapter_tensors(
     model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -169,7 +151,7 @@ def save_adapter(
     Refuses to write an adapter holding NaN or inf, naming the layer, so a diverged run
     never overwrites a good adapter.
     """
-    config, adapter_name = _require_adapted(model)
+    config, adapter_name = require_adapted(model)
     target = Path(path)
     if _is_new_or_adapter_dir(target):
         _prepare_dir(target.parent)
@@ -301,7 +283,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _verified_weights(folder: Path, block: dict[str, Any]) -> Path:
+def verified_weights(folder: Path, block: dict[str, Any]) -> Path:
     """The folder's safetensors file, checked against the SHA-256 its config names."""
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
@@ -351,7 +333,7 @@ def load_adapter_weights(
     Every key must be present with the right shape; ``check_base`` compares the stored
     fingerprints of the base weights with ``model``'s (cosine >= 0.9 per layer).
     """
-    config, adapter_name = _require_adapted(model)
+    config, adapter_name = require_adapted(model)
     folder = Path(path)
     meta = read_adapter_config(folder)
     block = meta["secura"]
@@ -361,7 +343,7 @@ def load_adapter_weights(
             f"{folder} holds a {block['method']!r} adapter but the model carries "
             f"{config.method!r}; load it onto a fresh base with load_adapter"
         )
-    tensors = _load_tensor_file(_verified_weights(folder, block))
+    tensors = _load_tensor_file(verified_weights(folder, block))
     if method.native_peft:
         from peft.utils import set_peft_model_state_dict
 
@@ -372,7 +354,7 @@ def load_adapter_weights(
         _copy_into(model, adapter_name, tensors, folder)
         if check_base:
             _check_fingerprints(model, adapter_name, folder)
-    _freeze_all_but_adapter(model, adapter_name, trainable=is_trainable)
+    freeze_all_but_adapter(model, adapter_name, trainable=is_trainable)
     return model
 
 
@@ -418,89 +400,9 @@ def _check_fingerprints(model: nn.Module, adapter_name: str, folder: Path) -> No
             )
 
 
-def load_adapter(
-    base_model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    is_trainable: bool = False,
-    check_base: bool = True,
-    adapter_name: str = "default",
-    scale: float | None = None,
-) -> PeftModel:
-    """Rebuild the adapter saved in ``path`` on ``base_model`` and return the ``PeftModel``.
-
-    ``scale`` multiplies the learned update by that factor (0: the base, 1: the adapter
-    as trained; see :func:`secura_plugins.keep.scale_update`).
-
-    ``base_model`` is a fresh transformers model (dense or 4-bit). The adapter's layers,
-    shapes, method and base fingerprint are checked; any mismatch raises
-    :class:`~secura_plugins.errors.AdapterLoadError` with the reason.
-    """
-    folder = Path(path)
-    meta = read_adapter_config(folder)
-    block = meta["secura"]
-    if isinstance(base_model, PeftModel):
-        raise AdapterLoadError(
-            "base_model is already a PeftModel; pass the plain transformers model "
-            "(use model.load_adapter(path) to reload weights into an adapted model)"
-        )
-    try:
-        config = AdapterConfig.from_saved(block["config"])
-    except SecuraConfigError as err:
-        raise AdapterLoadError(
-            f"{folder}: its adapter config is not valid here ({err}). If it names a method from "
-            "a plugin, install that plugin"
-        ) from err
-    method = get_plugin_manager().get_method(config.method)
-    keep_4bit_layout(base_model)  # plain PEFT adapters skip _build, which does it too
-    if method.native_peft:
-        from peft import PeftConfig
-
-        _verified_weights(folder, block)  # PEFT would fall back to a pickle .bin
-
-        peft_config = PeftConfig.from_peft_type(**{k: v for k, v in meta.items() if k != "secura"})
-        model = PeftModel.from_pretrained(
-            base_model,
-            str(folder),
-            adapter_name=adapter_name,
-            is_trainable=is_trainable,
-            config=peft_config,
-        )
-        _promote(model, config, adapter_name)
-        return _scaled(model, scale)
-    wanted = list(block["layers"])
-    available = {n for n, _ in base_model.named_modules()}
-    absent = [n for n in wanted if n not in available]
-    if absent:
-        raise AdapterLoadError(
-            f"{folder} adapts {len(absent)} layer(s) this base does not have (first: {absent[0]}); "
-            "it was made for another architecture"
-        )
-    for name, shape in block["layers"].items():
-        layer = base_model.get_submodule(name)
-        have = (getattr(layer, "in_features", None), getattr(layer, "out_features", None))
-        if have != (shape["in_features"], shape["out_features"]):
-            raise AdapterLoadError(
-                f"{folder}: layer {name} is {have[0]} -> {have[1]} in this base but "
-                f"{shape['in_features']} -> {shape['out_features']} in the adapter's base"
-            )
-    model = _inject(base_model, config, method, adapter_name, target_modules=wanted)
-    model = _build(model, config, method, adapter_name, init=False)
-    model = load_adapter_weights(model, folder, is_trainable=is_trainable, check_base=check_base)
-    return _scaled(model, scale)
-
-
-def _scaled(model: PeftModel, scale: float | None) -> PeftModel:
-    if scale is not None:
-        from .keep.interpolate import scale_update
-
-        scale_update(model, scale)
-    return model
-
-
 # --------------------------------------------------------------------------- export
 @contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
+def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a scratch folder beside ``path``; rename it to ``path`` on success only."""
     if path.exists() and any(path.iterdir()):
         raise ExportError(f"{path} exists and is not empty; choose a new output folder")
@@ -515,95 +417,3 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-
-
-def export_merged(model: PeftModel, out_dir: str | os.PathLike, *, safe: bool = True) -> Path:
-    """Merge the adapter into the base weights and write a plain transformers checkpoint.
-
-    The model is consumed (its layers are merged in place). What is merged is the linear
-    update ``scaling * C (U_acc + A B) R`` (and ``b_L`` into the layer bias): identical to
-    the adapted model for linear configurations (``smagnorm='off'``, CURLoRA, SC-LoRA, the
-    baselines); with S-MagNorm on, the exported model is the un-gated update and its
-    outputs differ from the adapted model's (measure the gap with ``secura eval``).
-    4-bit bases are refused: load the dense base, ``load_adapter`` onto it, then export.
-    """
-    config, _ = _require_adapted(model)
-    base = model.get_base_model()
-    if getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_4bit", False):
-        raise ExportError(
-            "the base is quantized: merging into 4-bit weights loses the update. Load the "
-            "dense base (bf16/fp32), load_adapter(base, adapter_dir), then export_merged; or run "
-            "`secura merge ADAPTER --base BASE --out DIR`"
-        )
-    if config.method == "secura" and config.smagnorm != "off":
-        logger.warning(
-            "S-MagNorm is %r: the exported checkpoint holds the un-gated linear update, so its "
-            "outputs differ from the adapted model's",
-            config.smagnorm,
-        )
-    out = Path(out_dir)
-    with _atomic_dir(out) as scratch:
-        merged = model.merge_and_unload(safe_merge=safe)
-        _sync_bias_flags(merged)
-        merged.save_pretrained(str(scratch))
-    return out
-
-
-def _sync_bias_flags(model: nn.Module) -> None:
-    """Make the config declare the biases that merging b_L created, or refuse to export."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-
-    def linears_with_bias(root: nn.Module) -> set[str]:
-        return {
-            n for n, m in root.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
-        }
-
-    def expected() -> set[str]:
-        with torch.device("meta"):
-            return linears_with_bias(AutoModelForCausalLM.from_config(config))
-
-    have, want = linears_with_bias(model), expected()
-    for flag in ("attention_bias", "mlp_bias"):
-        if have - want and hasattr(config, flag) and not getattr(config, flag):
-            setattr(config, flag, True)
-            widened = expected()
-            if len(have - widened) < len(have - want):
-                want = widened
-            else:
-                setattr(config, flag, False)
-    extra = sorted(have - want)
-    if extra:
-        raise ExportError(
-            f"merging SECURA's output bias created biases ({extra[0]}, ...) that the "
-            f"{config.model_type} architecture cannot store; train with output_bias: false"
-        )
-    for name in sorted(want - have):  # layers the widened config now gives a bias: zeros
-        module = model.get_submodule(name)
-        module.bias = nn.Parameter(
-            torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device)
-        )
-
-
-def merge_adapter_into_base(
-    adapter_dir: str | os.PathLike,
-    base: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    scale: float | None = None,
-) -> Path:
-    """Load the dense base checkpoint ``base``, apply the adapter (its update times
-    ``scale``, if given), export a merged checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base_model = AutoModelForCausalLM.from_pretrained(
-        str(base), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-    )
-    model = load_adapter(base_model, adapter_dir, scale=scale)
-    out = export_merged(model, out_dir)
-    with contextlib.suppress(OSError, ValueError):
-        AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
-    return out

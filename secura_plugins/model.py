@@ -18,21 +18,42 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig, PeftModel, PeftModelForCausalLM, get_peft_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import AdapterConfig
-from .errors import SecuraConfigError, SecuraError
+from .errors import AdapterLoadError, SecuraConfigError, SecuraError
+from .io import load_adapter_weights, read_adapter_config, save_adapter, verified_weights
+from .layers import (
+    ADAPTER_CONTAINERS,
+    adapter_layers,
+    adapter_modules,
+    freeze_all_but_adapter,
+    trainable_adapter_parameters,
+)
 from .manager import get_plugin_manager
-from .methods.base import CORE_ATTR, AdapterMethod
+from .methods.base import AdapterMethod
 from .quant import keep_4bit_layout
 
-ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_magnitude_vector", CORE_ATTR)
+# adapter_layers & co. stay importable from here (their home is secura_plugins.layers).
+__all__ = [
+    "ADAPTER_CONTAINERS",
+    "SecuraModelMixin",
+    "adapter_layers",
+    "adapter_modules",
+    "adapter_stats",
+    "apply_adapter",
+    "convert_peft_model",
+    "count_parameters",
+    "is_adapted",
+    "load_adapter",
+    "trainable_adapter_parameters",
+]
 
 
 class SecuraModelMixin:
@@ -43,16 +64,12 @@ class SecuraModelMixin:
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Save the adapter in secura-plugins' format (called by ``Trainer`` checkpoints)."""
-        from .io import save_adapter
-
         save_adapter(self, save_directory, state_dict=kwargs.get("state_dict"))
 
     def load_adapter(
         self, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs
     ) -> Any:
         """Reload this model's adapter tensors from a folder (``Trainer`` resume)."""
-        from .io import load_adapter_weights
-
         if adapter_name != self.secura_adapter_name:
             raise SecuraError(
                 f"this model carries adapter {self.secura_adapter_name!r}; loading a second "
@@ -79,16 +96,6 @@ def is_adapted(model: Any) -> bool:
     """True for a model returned by :func:`apply_adapter`, :func:`convert_peft_model` or
     :func:`~secura_plugins.load_adapter`."""
     return isinstance(model, SecuraModelMixin)
-
-
-def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, LoraLayer]:
-    """LoRA layers carrying ``adapter_name``, keyed by their path in the base model."""
-    root = model.base_model.model if isinstance(model, PeftModel) else model
-    return {
-        name: module
-        for name, module in root.named_modules()
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
-    }
 
 
 def _linear_suffixes(model: nn.Module) -> list[str]:
@@ -168,7 +175,7 @@ def _build(
     elif data:
         raise TypeError(f"adapter method {method.name!r} takes no calibration data")
     _promote(peft_model, config, adapter_name)
-    _freeze_all_but_adapter(peft_model, adapter_name, trainable=True)
+    freeze_all_but_adapter(peft_model, adapter_name, trainable=True)
     get_plugin_manager().hook.secura_adapter_applied(model=peft_model, config=config)
     return peft_model
 
@@ -186,31 +193,6 @@ def _promote(peft_model: PeftModel, config: AdapterConfig, adapter_name: str) ->
     peft_config = peft_model.peft_config[adapter_name]
     peft_config.r = config.r
     peft_config.lora_alpha = config.lora_alpha if config.lora_alpha is not None else config.r
-
-
-def adapter_modules(model: nn.Module, adapter_name: str) -> Iterable[tuple[str, nn.Module]]:
-    """(``<layer>.<container>``, module) of every container holding ``adapter_name``'s tensors."""
-    for name, layer in adapter_layers(model, adapter_name).items():
-        for attr in ADAPTER_CONTAINERS:
-            container = getattr(layer, attr, None)
-            if container is not None and adapter_name in container:
-                yield f"{name}.{attr}", container[adapter_name]
-
-
-def trainable_adapter_parameters(
-    model: nn.Module, adapter_name: str
-) -> Iterable[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every trainable tensor of ``adapter_name``."""
-    for prefix, module in adapter_modules(model, adapter_name):
-        for pname, param in module.named_parameters():
-            yield f"{prefix}.{pname}", param
-
-
-def _freeze_all_but_adapter(model: nn.Module, adapter_name: str, *, trainable: bool) -> None:
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for _, param in trainable_adapter_parameters(model, adapter_name):
-        param.requires_grad_(trainable)
 
 
 def apply_adapter(
@@ -300,7 +282,87 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def adapter_stats(model: nn.Module) -> dict[str, float]:
-    """Cheap adapter statistics for logging: SECURA merge count and mean S-MagNorm gate."""
-    from .methods.secura import secura_cores, secura_stats
+    """Cheap adapter statistics for logging, as the adapter's method declares them
+    (SECURA: merge count and mean S-MagNorm gate); empty for a model without an adapter."""
+    config = getattr(model, "secura_config", None)
+    return config.adapter_method.stats(model) if config is not None else {}
 
-    return secura_stats(secura_cores(model))
+
+def load_adapter(
+    base_model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    check_base: bool = True,
+    adapter_name: str = "default",
+    scale: float | None = None,
+) -> PeftModel:
+    """Rebuild the adapter saved in ``path`` on ``base_model`` and return the ``PeftModel``.
+
+    ``scale`` multiplies the learned update by that factor (0: the base, 1: the adapter
+    as trained; see :func:`secura_plugins.keep.scale_update`).
+
+    ``base_model`` is a fresh transformers model (dense or 4-bit). The adapter's layers,
+    shapes, method and base fingerprint are checked; any mismatch raises
+    :class:`~secura_plugins.errors.AdapterLoadError` with the reason.
+    """
+    folder = Path(path)
+    meta = read_adapter_config(folder)
+    block = meta["secura"]
+    if isinstance(base_model, PeftModel):
+        raise AdapterLoadError(
+            "base_model is already a PeftModel; pass the plain transformers model "
+            "(use model.load_adapter(path) to reload weights into an adapted model)"
+        )
+    try:
+        config = AdapterConfig.from_saved(block["config"])
+    except SecuraConfigError as err:
+        raise AdapterLoadError(
+            f"{folder}: its adapter config is not valid here ({err}). If it names a method from "
+            "a plugin, install that plugin"
+        ) from err
+    method = get_plugin_manager().get_method(config.method)
+    keep_4bit_layout(base_model)  # plain PEFT adapters skip _build, which does it too
+    if method.native_peft:
+        from peft import PeftConfig
+
+        verified_weights(folder, block)  # PEFT would fall back to a pickle .bin
+
+        peft_config = PeftConfig.from_peft_type(**{k: v for k, v in meta.items() if k != "secura"})
+        model = PeftModel.from_pretrained(
+            base_model,
+            str(folder),
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+            config=peft_config,
+        )
+        _promote(model, config, adapter_name)
+        return _scaled(model, scale)
+    wanted = list(block["layers"])
+    available = {n for n, _ in base_model.named_modules()}
+    absent = [n for n in wanted if n not in available]
+    if absent:
+        raise AdapterLoadError(
+            f"{folder} adapts {len(absent)} layer(s) this base does not have (first: {absent[0]}); "
+            "it was made for another architecture"
+        )
+    for name, shape in block["layers"].items():
+        layer = base_model.get_submodule(name)
+        have = (getattr(layer, "in_features", None), getattr(layer, "out_features", None))
+        if have != (shape["in_features"], shape["out_features"]):
+            raise AdapterLoadError(
+                f"{folder}: layer {name} is {have[0]} -> {have[1]} in this base but "
+                f"{shape['in_features']} -> {shape['out_features']} in the adapter's base"
+            )
+    model = _inject(base_model, config, method, adapter_name, target_modules=wanted)
+    model = _build(model, config, method, adapter_name, init=False)
+    model = load_adapter_weights(model, folder, is_trainable=is_trainable, check_base=check_base)
+    return _scaled(model, scale)
+
+
+def _scaled(model: PeftModel, scale: float | None) -> PeftModel:
+    if scale is not None:
+        from .keep.interpolate import scale_update
+
+        scale_update(model, scale)
+    return model

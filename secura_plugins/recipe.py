@@ -741,7 +741,8 @@ def run_recipe(
     base, tokenizer = _load_model(recipe.model, out)
     data: dict[str, Any] = {}
     probe_pairs = recipe.probe.data.pairs() if recipe.probe else None
-    if recipe.adapter.method == "sclora" and recipe.keep is not None:
+    calibrated = recipe.adapter.adapter_method.needs_calibration
+    if calibrated and recipe.keep is not None:
         from .keep import Keep
 
         keep = Keep(recipe.keep, exclude=[p for p, _ in probe_pairs or []], progress=progress)
@@ -750,7 +751,7 @@ def run_recipe(
             "positive": _calibration_batches(datasets[0], tokenizer),
             "negative": keep.negative_batches(tokenizer),
         }
-    elif recipe.adapter.method == "sclora":
+    elif calibrated:
         if probe_pairs is None:
             raise SecuraConfigError(
                 "adapter.method", "sclora needs a probe (its knowledge-to-preserve data)"

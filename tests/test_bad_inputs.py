@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from secura_plugins import AdapterConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "errors.md"
 START, END = "<!-- cases:start -->", "<!-- cases:end -->"
@@ -186,10 +188,9 @@ def _nan_save(tmp: Path) -> None:
 
 
 LAYERS = "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
-FIELDS = (
-    "method, r, k, target_modules, smagnorm, smagnorm_scale, merge, merge_every, output_bias, "
-    "a_init, a_scale, cr_select, beta, lora_alpha, lora_dropout, adapter_dtype, eps, seed"
-)
+#: The fields of a SECURA config, from the same metadata as the message (common fields,
+#: then SECURA's options).
+FIELDS = ", ".join(AdapterConfig.field_names("secura"))
 CE = "secura: config error: "
 
 CASES = [

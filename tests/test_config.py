@@ -71,3 +71,56 @@ def test_applying_twice_is_refused(loader):
     model = apply_adapter(loader("llama"), AdapterConfig(r=4))
     with pytest.raises(SecuraError, match="already a PeftModel.*convert_peft_model"):
         apply_adapter(model, AdapterConfig(r=4))
+
+
+def test_each_method_owns_its_options():
+    from dataclasses import replace
+
+    from secura_plugins.methods import SCLoRAOptions, SecuraOptions
+    from secura_plugins.options import MethodOptions
+
+    assert type(AdapterConfig(method="secura").options) is SecuraOptions
+    assert type(AdapterConfig(method="sclora", beta=0.2).options) is SCLoRAOptions
+    assert type(AdapterConfig(method="curlora").options) is MethodOptions
+    assert "beta" not in AdapterConfig(method="secura").to_dict()
+    assert set(AdapterConfig.describe("sclora")) - set(AdapterConfig.describe("lora")) == {"beta"}
+    # Another method's option: still checked, then ignored with a warning naming its owner.
+    with pytest.warns(UserWarning, match="'merge_every' is an option of method 'secura'"):
+        cfg = AdapterConfig(method="curlora", merge_every=4)
+    with pytest.raises(AttributeError, match="option of method 'secura'"):
+        _ = cfg.merge_every
+    with pytest.raises(SecuraConfigError, match="merge_every"):
+        AdapterConfig(method="curlora", merge_every=0)
+    # Copies never share their options.
+    first = AdapterConfig(method="secura", r=4)
+    second = replace(first, r=8)
+    second.merge = "m2"
+    assert (first.merge, second.merge, second.r) == ("m1", "m2", 8)
+
+
+def test_an_options_class_cannot_redefine_a_common_field():
+    from dataclasses import dataclass
+
+    from secura_plugins import get_plugin_manager, hookimpl
+    from secura_plugins.methods.lora import LoraMethod
+    from secura_plugins.options import MethodOptions, option
+
+    @dataclass
+    class Clash(MethodOptions):
+        r: int = option("a second rank", 2, integer=True, minimum=1)
+
+    class Plugin:
+        @hookimpl
+        def secura_register_methods(self, registry):
+            method = LoraMethod("clash-lora")
+            method.options_class = Clash
+            registry.add(method)
+
+    pm = get_plugin_manager()
+    plugin = Plugin()
+    pm.register(plugin)
+    try:
+        with pytest.raises(TypeError, match="redefines the common field"):
+            AdapterConfig(method="clash-lora")
+    finally:
+        pm.unregister(plugin)

@@ -84,8 +84,8 @@ def test_trl_callback_adapter_and_its_merged_export(tmp_path, capsys, checkpoint
     from trl_helpers import load_dense, sft_config, text_dataset
 
     from secura_plugins import AdapterConfig
+    from secura_plugins.export import merge_adapter_into_base
     from secura_plugins.integrations.trl import SecuraCallback
-    from secura_plugins.io import merge_adapter_into_base
 
     base = checkpoints["llama"]
     trainer = SFTTrainer(

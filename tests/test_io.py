@@ -243,9 +243,11 @@ def test_export_refuses_what_it_cannot_write(loader, ids, tmp_path):
 def test_an_adapter_saved_before_the_variant_fields_loads_as_saved(
     trained, loader, ids, monkeypatch
 ):
-    """Configs written before a_scale/cr_select existed load with SAVED_DEFAULTS (the
-    behaviour they were trained with), whatever today's defaults are."""
-    from secura_plugins.config import SAVED_DEFAULTS
+    """Configs written before a_scale/cr_select existed load with the options'
+    saved_defaults (the behaviour they were trained with), whatever today's defaults are."""
+    from secura_plugins.methods.secura_options import SecuraOptions
+
+    SAVED_DEFAULTS = SecuraOptions.saved_defaults
 
     model, folder = trained
     meta = json.loads((folder / CONFIG_NAME).read_text())
@@ -258,6 +260,6 @@ def test_an_adapter_saved_before_the_variant_fields_loads_as_saved(
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
     config = AdapterConfig.from_saved({"method": "secura", "r": 4, "cr_select": "largest"})
     assert config.cr_select == "largest"  # what was saved wins
-    # Loading goes through SAVED_DEFAULTS, not the dataclass defaults of the day.
-    monkeypatch.setattr("secura_plugins.config.SAVED_DEFAULTS", {"cr_select": "random"})
+    # Loading goes through saved_defaults, not the dataclass defaults of the day.
+    monkeypatch.setattr(SecuraOptions, "saved_defaults", {"cr_select": "random"})
     assert load_adapter(loader("llama"), folder).secura_config.cr_select == "random"

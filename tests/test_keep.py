@@ -10,8 +10,7 @@ import pytest
 import torch
 from trl_helpers import sft_config, text_dataset
 
-from secura_plugins import AdapterConfig, apply_adapter
-from secura_plugins.io import load_adapter, save_adapter
+from secura_plugins import AdapterConfig, apply_adapter, load_adapter, save_adapter
 from secura_plugins.keep import REHEARSAL_FILE, Keep, KeepConfig, generate_rehearsal
 from secura_plugins.keep.rehearsal import adapter_disabled, normalize_prompt
 from secura_plugins.methods.secura import secura_cores

@@ -12,23 +12,37 @@ import torch
 from secura_plugins import AdapterConfig, apply_adapter, get_plugin_manager, hookimpl
 
 # A complete third-party method: LoRA-FA (A frozen at a seeded random projection, only B
-# trains), plus a step hook. It uses only the public contract.
+# trains), with an option of its own (a_std) and a capability (stats), plus a step hook.
+# It uses only the public contract.
 THIRD_PARTY = """
+from dataclasses import dataclass
+
 import torch
 from secura_plugins import hookimpl
 from secura_plugins.methods.base import AdapterMethod, FrozenLinear, layer_seed, set_rank
+from secura_plugins.options import MethodOptions, option
 
 CALLS = []
 
 
+@dataclass
+class LoraFAOptions(MethodOptions):
+    a_std: float = option("Std of LoRA-FA's frozen A, times 1/sqrt(d_in).", 1.0, low=0.0, low_open=True)
+
+
 class LoraFA(AdapterMethod):
     name = "lora-fa"
+    options_class = LoraFAOptions
+
+    def stats(self, model):
+        return {"lora_fa/a_std": float(model.secura_config.options.a_std)}
 
     def attach(self, layer, adapter_name, config, *, layer_name, init, prepared=None):
         set_rank(layer, adapter_name, config)
         d_in = layer.get_base_layer().in_features
         gen = torch.Generator().manual_seed(layer_seed(config.seed, layer_name))
-        A = torch.randn(config.r, d_in, generator=gen) / d_in**0.5 if init else torch.zeros(config.r, d_in)
+        std = config.options.a_std / d_in**0.5
+        A = torch.randn(config.r, d_in, generator=gen) * std if init else torch.zeros(config.r, d_in)
         layer.lora_A[adapter_name] = FrozenLinear(A)
 
 
@@ -60,12 +74,31 @@ def third_party_run(tmp_path_factory: pytest.TempPathFactory):
         f"""
         import sys, torch
         sys.path.insert(0, {str(tmp_path)!r})
-        from secura_plugins import AdapterConfig, apply_adapter, get_plugin_manager, save_adapter, load_adapter
+        from secura_plugins import AdapterConfig, SecuraConfigError, adapter_stats, apply_adapter
+        from secura_plugins import get_plugin_manager, save_adapter, load_adapter
+        from secura_plugins.integrations.axolotl.args import adapter_config_from_cfg, SecuraSettings
         from secura_plugins.tiny import build_tiny_model
         pm = get_plugin_manager()
         assert "lora-fa" in pm.method_names(), pm.method_names()
         ids = torch.randint(4, 90, (2, 10))
-        model = apply_adapter(build_tiny_model(seed=1), AdapterConfig(method="lora-fa", r=4))
+        # Its own option: checked by its metadata, in the axolotl schema, flat like ours.
+        try:
+            AdapterConfig(method="lora-fa", r=4, a_std=0)
+        except SecuraConfigError as err:
+            assert str(err).startswith("a_std: must be in (0.0"), err
+        else:
+            raise AssertionError("a_std=0 must be refused")
+        assert "frozen A" in SecuraSettings.model_fields["a_std"].description
+        assert "frozen A" in AdapterConfig.describe("lora-fa")["a_std"]
+        yaml_cfg = adapter_config_from_cfg({{"secura": {{"method": "lora-fa", "a_std": 3.0}}}})
+        assert yaml_cfg.a_std == 3.0 and yaml_cfg.options.a_std == 3.0
+        config = AdapterConfig.from_dict({{"method": "lora-fa", "r": 4, "a_std": 3.0}})
+        model = apply_adapter(build_tiny_model(seed=1), config)
+        small = apply_adapter(build_tiny_model(seed=1), AdapterConfig(method="lora-fa", r=4))
+        a_big = next(m.weight for n, m in model.named_modules() if n.endswith("lora_A.default"))
+        a_one = next(m.weight for n, m in small.named_modules() if n.endswith("lora_A.default"))
+        assert torch.allclose(a_big, 3.0 * a_one), "the option did not reach attach"
+        assert adapter_stats(model) == {{"lora_fa/a_std": 3.0}}
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert trainable and all(".lora_B." in n for n in trainable), trainable
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -75,6 +108,7 @@ def third_party_run(tmp_path_factory: pytest.TempPathFactory):
         assert {{"lora_fa/calls": 2.0}} in logs, logs
         save_adapter(model, {str(tmp_path / "adapter")!r})
         again = load_adapter(build_tiny_model(seed=1), {str(tmp_path / "adapter")!r})
+        assert again.secura_config.a_std == 3.0
         with torch.no_grad():
             assert torch.equal(again(ids).logits, model(ids).logits)
         print("THIRD-PARTY-OK")

@@ -69,6 +69,18 @@ def default_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     return model(**inputs).loss
 
 
+def penalty_scale(trainer: Any, num_items_in_batch: Any) -> float:
+    """Factor that makes a loss term added in ``trainer.compute_loss`` (the EWC penalty,
+    keep's KL term) count once per optimizer step: ``Trainer`` divides the loss by the
+    accumulation steps only when the model does not normalise it itself (see
+    ``Trainer.training_step``)."""
+    steps = getattr(trainer, "current_gradient_accumulation_steps", 1) or 1
+    model_normalises = (
+        getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+    ) or getattr(trainer, "compute_loss_func", None) is not None
+    return 1.0 / steps if model_normalises else 1.0
+
+
 def _average_over_ranks(tensors: dict[str, torch.Tensor]) -> None:
     """In place: the mean of each tensor over the ranks of the default process group
     (no-op outside ``torch.distributed``). One flat all-reduce for all tensors."""

@@ -317,21 +317,13 @@ def find_secura_callback(trainer: Trainer) -> SecuraCallback | None:
 
 
 def _prepare_for_m1(model: nn.Module) -> int:
-    """Fold pending SECURA updates (``A @ B``) into ``U_acc`` so that ``B`` is zero.
+    """What the adapter's method does before EWC re-anchors (its ``before_anchor``:
+    SECURA folds pending updates ``A @ B`` into ``U_acc`` so that ``B`` is zero). Returns
+    the number of layers changed."""
+    from ..layers import adapted_method
 
-    Called before EWC re-anchors: under M1/M2, ``B`` is reset to zero at every merge,
-    so an anchor with ``B* != 0`` would pull ``B`` back to ``B*`` after each merge and
-    the merge would add ``A B*`` to ``U_acc`` again and again. Returns the number of
-    cores merged.
-    """
-    from ..methods.secura import secura_cores
-
-    merged = 0
-    for core in secura_cores(model):
-        if core.merge != "none" and bool(core.B.detach().abs().sum() > 0):
-            core.merge_()
-            merged += 1
-    return merged
+    method = adapted_method(model)
+    return method.before_anchor(model) if method is not None else 0
 
 
 def consolidate_ewc(
@@ -565,7 +557,11 @@ class SecuraCallback(TrainerCallback):
 
     def _keep_preserve_side(self, model: nn.Module, config: AdapterConfig) -> None:
         """SC-LoRA without privileged data: its ``negative=`` side is the self-rehearsal."""
-        if self.keep is None or config.method != "sclora" or "negative" in self.adapter_data:
+        if (
+            self.keep is None
+            or not config.adapter_method.needs_calibration
+            or "negative" in self.adapter_data
+        ):
             return
         self._keep_exclude_probe()
         trainer = self.trainer
@@ -620,7 +616,7 @@ class SecuraCallback(TrainerCallback):
         problem = sharding_problem(
             fsdp=fsdp,
             zero_stage=stage,
-            merge=self.config.merge if self.config and self.config.method == "secura" else None,
+            merge=self.config.adapter_method.periodic_merge(self.config) if self.config else None,
             ewc=self.ewc is not None,
         )
         if problem is not None:
@@ -669,13 +665,14 @@ class SecuraCallback(TrainerCallback):
         One host sync per step over the trainable tensors and ``U_acc`` (small). Runs
         in ``on_step_end``, before the Trainer saves anything of this step.
         """
-        from ..methods.secura import secura_cores
+        from ..layers import adapted_method
 
         loss_ok = getattr(self.trainer, "_secura_loss_ok", None)
         if self.trainer is not None:
             self.trainer._secura_loss_ok = None  # type: ignore[attr-defined]
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        named += [(f"u_acc #{i}", c.u_acc) for i, c in enumerate(secura_cores(self.model))]
+        method = adapted_method(self.model)
+        named += list(method.state_tensors(self.model).items()) if method is not None else []
         flags = [torch.isfinite(t.detach()).all() for _, t in named]
         if loss_ok is not None:
             flags.append(loss_ok.reshape(()))
@@ -908,13 +905,9 @@ class ContinualTrainerMixin:
         self._secura_consolidates = callback is None
 
     def _penalty_scale(self, num_items_in_batch: Any) -> float:
-        # Trainer divides the loss by the accumulation steps only when the model does not
-        # normalise it itself (see Trainer.training_step); the penalty must count once.
-        steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
-        model_normalises = (
-            getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
-        ) or getattr(self, "compute_loss_func", None) is not None
-        return 1.0 / steps if model_normalises else 1.0
+        from ..continual.ewc import penalty_scale
+
+        return penalty_scale(self, num_items_in_batch)
 
     def compute_loss(
         self,

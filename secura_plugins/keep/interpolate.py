@@ -41,7 +41,7 @@ def scale_update(model: Any, alpha: float) -> int:
     Call it on a loaded (or trained) adapted model before evaluating or exporting; do
     not keep training after it (the optimizer would see rescaled tensors).
     """
-    from ..model import adapter_layers
+    from ..layers import adapter_layers
 
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise SecuraConfigError("scale", f"must be a finite number, got {alpha!r}")
@@ -49,10 +49,11 @@ def scale_update(model: Any, alpha: float) -> int:
     name = getattr(model, "secura_adapter_name", "default")
     if config is None:
         raise SecuraConfigError("scale", "the model carries no secura-plugins adapter")
-    if config.method == "dora":
+    if not config.adapter_method.scalable_update:
         raise SecuraConfigError(
-            "scale", "DoRA's learned magnitude is not an additive update and cannot be scaled; "
-            "use lora, secura, curlora or sclora"
+            "scale",
+            f"method {config.method!r} learns no additive update (as DoRA's learned magnitude) "
+            "and cannot be scaled; use lora, secura, curlora or sclora",
         )
     layers = adapter_layers(model, name)
     with torch.no_grad():

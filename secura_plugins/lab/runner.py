@@ -255,7 +255,7 @@ def run_sequence(
     if method.adapter is not None:
         config = AdapterConfig.from_dict({**method.adapter, "seed": seed})
         data = {}
-        if config.method == "sclora":
+        if config.adapter_method.needs_calibration:
             first = _task_pairs(base, tasks[0], settings, seed, tok)
             data = {"positive": _calibration(first, tok), "negative": _calibration(knowledge, tok)}
         model = apply_adapter(model, config, **data)

@@ -3,8 +3,9 @@
 from .base import AdapterMethod, FrozenLinear
 from .curlora import CURLoRAMethod
 from .lora import LoraMethod
-from .sclora import SCLoRAMethod
+from .sclora import SCLoRAMethod, SCLoRAOptions
 from .secura import SecuraMethod
+from .secura_options import SecuraOptions
 
 __all__ = [
     "AdapterMethod",
@@ -12,5 +13,7 @@ __all__ = [
     "FrozenLinear",
     "LoraMethod",
     "SCLoRAMethod",
+    "SCLoRAOptions",
     "SecuraMethod",
+    "SecuraOptions",
 ]

@@ -9,21 +9,44 @@ for forward, merge and unmerge. Everything an adapter needs to be rebuilt lives 
 
 Methods that are plain PEFT (the LoRA and DoRA baselines) set ``native_peft = True`` and
 attach nothing.
+
+A method owns its options (``options_class``, a :class:`~secura_plugins.options.MethodOptions`
+dataclass) and declares what hosts need to know about it (capabilities: calibration
+data, statistics to log, whether export is exact, what to do before an EWC anchor, ...),
+so that no host code branches on method names.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
+from ..options import MethodOptions
+
 if TYPE_CHECKING:  # pragma: no cover
     from peft.tuners.lora import LoraLayer
 
-    from ..config import AdapterConfig
+
+class AdapterSettings(Protocol):
+    """What a method reads of :class:`secura_plugins.AdapterConfig` (the common fields and
+    its own ``options``). A protocol, so that methods do not import the config module."""
+
+    method: str
+    r: int
+    target_modules: list[str] | str
+    lora_alpha: float | None
+    lora_dropout: float
+    adapter_dtype: str
+    seed: int
+    options: Any
+
+    @property
+    def scaling(self) -> float: ...
+
 
 #: Number of base-weight entries kept per layer to recognise the base later.
 FINGERPRINT_SIZE = 64
@@ -47,14 +70,48 @@ class AdapterMethod:
     name: str = ""
     #: Plain PEFT: saved and loaded in PEFT's own format, nothing attached.
     native_peft: bool = False
+    #: The dataclass of this method's own settings (none by default).
+    options_class: type[MethodOptions] = MethodOptions
+    #: ``prepare`` needs calibration data (``positive=``/``negative=`` batches: SC-LoRA).
+    needs_calibration: bool = False
+    #: The learned change is additive and can be scaled (``keep.scale_update``); DoRA's
+    #: learned magnitude is not.
+    scalable_update: bool = True
 
-    def lora_config_kwargs(self, config: AdapterConfig) -> dict[str, Any]:
+    # ----------------------------------------------------------------- capabilities
+    def export_note(self, config: AdapterSettings) -> str | None:
+        """Why a merged export differs from the adapted model under ``config``, or None
+        when the export is exact."""
+        return None
+
+    def periodic_merge(self, config: AdapterSettings) -> str | None:
+        """The merge this config runs every few optimizer steps (it needs the trainable
+        tensors whole on every rank), or None."""
+        return None
+
+    def before_anchor(self, model: nn.Module) -> int:
+        """Called before EWC takes its anchors at the end of a task; returns how many
+        layers it changed (SECURA folds pending updates into its accumulator)."""
+        return 0
+
+    def stats(self, model: nn.Module) -> dict[str, float]:
+        """Cheap statistics to log (SECURA: merge count and mean S-MagNorm gate)."""
+        return {}
+
+    def state_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors that training changes besides the trainable parameters, by a name for
+        messages (checked for NaN/inf with them; SECURA's merge accumulators)."""
+        return {}
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def lora_config_kwargs(self, config: AdapterSettings) -> dict[str, Any]:
         return {}
 
     def prepare(
         self,
         model: nn.Module,
-        config: AdapterConfig,
+        config: AdapterSettings,
         layers: Mapping[str, LoraLayer],
         **data: Any,
     ) -> dict[str, Any]:
@@ -68,7 +125,7 @@ class AdapterMethod:
         self,
         layer: LoraLayer,
         adapter_name: str,
-        config: AdapterConfig,
+        config: AdapterSettings,
         *,
         layer_name: str,
         init: bool,
@@ -140,7 +197,7 @@ def fingerprint_match(saved: torch.Tensor, current: torch.Tensor) -> float:
     return float(saved @ current / denom)
 
 
-def adapter_dtype(config: AdapterConfig) -> torch.dtype:
+def adapter_dtype(config: AdapterSettings) -> torch.dtype:
     return getattr(torch, config.adapter_dtype)
 
 
@@ -148,7 +205,7 @@ def layer_device(layer: LoraLayer) -> torch.device:
     return layer.get_base_layer().weight.device
 
 
-def set_rank(layer: LoraLayer, adapter_name: str, config: AdapterConfig) -> None:
+def set_rank(layer: LoraLayer, adapter_name: str, config: AdapterSettings) -> None:
     """Make PEFT's per-adapter bookkeeping agree with ``config`` (rank and scaling)."""
     layer.r[adapter_name] = config.r
     layer.lora_alpha[adapter_name] = (
@@ -161,7 +218,7 @@ def set_rank(layer: LoraLayer, adapter_name: str, config: AdapterConfig) -> None
 
 
 def begin_attach(
-    layer: LoraLayer, adapter_name: str, config: AdapterConfig
+    layer: LoraLayer, adapter_name: str, config: AdapterSettings
 ) -> tuple[int, int, torch.dtype, torch.device]:
     """Check that ``r`` fits the layer and sync PEFT's rank bookkeeping.
 

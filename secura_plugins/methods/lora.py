@@ -20,6 +20,8 @@ class LoraMethod(AdapterMethod):
     def __init__(self, name: str = "lora", *, use_dora: bool = False) -> None:
         self.name = name
         self.use_dora = use_dora
+        #: DoRA's learned magnitude is not an additive update.
+        self.scalable_update = not use_dora
 
     def lora_config_kwargs(self, config: Any) -> dict[str, Any]:
         return {"use_dora": self.use_dora}

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..hookspecs import hookimpl
+from ..options import MethodOptions, option
 from .base import (
     CORE_ATTR,
     FINGERPRINT_SIZE,
@@ -51,6 +53,18 @@ from .base import (
 )
 
 Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class SCLoRAOptions(MethodOptions):
+    """SC-LoRA's settings."""
+
+    beta: float = option(
+        "SC-LoRA trade-off in [0, 1]: larger keeps more of the preserved knowledge.",
+        0.5,
+        low=0.0,
+        high=1.0,
+    )
 
 
 class SCLoRACore(nn.Module):
@@ -207,6 +221,8 @@ class SCLoRAMethod(AdapterMethod):
     """SC-LoRA (calibrated subspace initialisation of LoRA)."""
 
     name = "sclora"
+    options_class = SCLoRAOptions
+    needs_calibration = True
 
     def prepare(
         self,
@@ -222,7 +238,12 @@ class SCLoRAMethod(AdapterMethod):
         if data:
             raise TypeError(f"sclora: unexpected calibration arguments {sorted(data)}")
         return calibrate(
-            model, layers, positive, negative, beta=config.beta, layers_per_pass=layers_per_pass
+            model,
+            layers,
+            positive,
+            negative,
+            beta=config.options.beta,
+            layers_per_pass=layers_per_pass,
         )
 
     def attach(

@@ -76,6 +76,8 @@ from torch.nn import functional as F
 from ..hookspecs import hookimpl
 from .base import CORE_ATTR, AdapterMethod, adapter_dtype, layer_device, layer_seed
 from .cur import CURCore, CURVariant, attach_cur, cur_factors
+from .secura_options import SecuraOptions
+from .secura_start import init_a, select_directions, squared_norms
 
 
 class SecuraCore(CURCore):
@@ -268,6 +270,38 @@ class SecuraMethod(AdapterMethod):
     """SECURA (CABR + S-MagNorm + M1/M2)."""
 
     name = "secura"
+    options_class = SecuraOptions
+
+    def export_note(self, config: Any) -> str | None:
+        if config.options.smagnorm == "off":
+            return None
+        return (
+            f"S-MagNorm is {config.options.smagnorm!r}: the exported checkpoint holds the "
+            "un-gated linear update, so its outputs differ from the adapted model's"
+        )
+
+    def periodic_merge(self, config: Any) -> str | None:
+        return None if config.options.merge == "none" else config.options.merge
+
+    def before_anchor(self, model: nn.Module) -> int:
+        """Fold pending updates (``A @ B``) into ``U_acc`` so that ``B`` is zero.
+
+        Under M1/M2, ``B`` is reset to zero at every merge, so an EWC anchor with
+        ``B* != 0`` would pull ``B`` back to ``B*`` after each merge and the merge would
+        add ``A B*`` to ``U_acc`` again and again. Returns the number of cores merged.
+        """
+        merged = 0
+        for core in secura_cores(model):
+            if core.merge != "none" and bool(core.B.detach().abs().sum() > 0):
+                core.merge_()
+                merged += 1
+        return merged
+
+    def stats(self, model: nn.Module) -> dict[str, float]:
+        return secura_stats(secura_cores(model))
+
+    def state_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {f"u_acc #{i}": core.u_acc for i, core in enumerate(secura_cores(model))}
 
     def attach(
         self,
@@ -280,17 +314,18 @@ class SecuraMethod(AdapterMethod):
         prepared: Any = None,
     ) -> None:
         base = layer.get_base_layer()
-        r, k = config.r, config.core_width
+        opts: SecuraOptions = config.options
+        r, k = config.r, opts.core_width(config.r)
         core = SecuraCore(
             r,
             k,
             base.out_features,
-            smagnorm=config.smagnorm,
-            smagnorm_scale=config.smagnorm_scale,
-            eps=config.eps,
-            merge=config.merge,
-            merge_every=config.merge_every,
-            output_bias=config.output_bias,
+            smagnorm=opts.smagnorm,
+            smagnorm_scale=opts.smagnorm_scale,
+            eps=opts.eps,
+            merge=opts.merge,
+            merge_every=opts.merge_every,
+            output_bias=opts.output_bias,
             dtype=adapter_dtype(config),
             device=layer_device(layer),
         )
@@ -299,90 +334,12 @@ class SecuraMethod(AdapterMethod):
             col_sq, row_sq = squared_norms(weight)
             if init:
                 mean_sq = float(row_sq.sum()) / weight.numel()
-                _init_a(core.A, weight, config, layer_name, mean_sq=mean_sq)
+                init_a(core.A, weight, config, layer_name, mean_sq=mean_sq)
             return select_directions(
-                weight, r, config.cr_select, col_sq, row_sq, layer_seed(config.seed, layer_name)
+                weight, r, opts.cr_select, col_sq, row_sq, layer_seed(config.seed, layer_name)
             )
 
         attach_cur(layer, adapter_name, config, core, SecuraVariant, select=select, init=init)
-
-
-@torch.no_grad()
-def squared_norms(weight: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared L2 norms of ``weight``'s columns and rows (fp32) in one pass over row blocks.
-
-    Same order as ``weight.norm(dim=0)``/``norm(dim=1)``, without their full-size
-    temporaries or the slow strided column reduction (seconds on a 14336 x 4096 layer).
-
-    Example:
-        >>> import torch
-        >>> w = torch.tensor([[3.0, 0.0], [4.0, 1.0]])
-        >>> squared_norms(w)
-        (tensor([25.,  1.]), tensor([ 9., 17.]))
-    """
-    cols = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
-    rows = []
-    for block in weight.split(chunk):
-        sq = block.float().square()
-        cols += sq.sum(0)
-        rows.append(sq.sum(1))
-    return cols, torch.cat(rows)
-
-
-@torch.no_grad()
-def _init_a(
-    A: torch.Tensor, weight: torch.Tensor, config: Any, layer_name: str, *, mean_sq: float
-) -> None:
-    r, k = A.shape
-    if config.a_init == "released":
-        # The authors' code: the top-left r x k block of W (padded if W is narrower).
-        block = weight[:r, :k]
-        A.zero_()
-        A[: block.shape[0], : block.shape[1]].copy_(block.to(A.dtype))
-    else:
-        # Orthonormal rows (k >= r), scaled to W's RMS so the update's scale matches W's.
-        gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer_name))
-        q, _ = torch.linalg.qr(torch.randn(k, r, generator=gen, dtype=torch.float32))
-        rms = mean_sq**0.5
-        A.copy_((q.T * rms * (k**0.5)).to(A.dtype))
-    if config.a_scale != 1.0:
-        A.mul_(config.a_scale)
-
-
-@torch.no_grad()
-def select_directions(
-    weight: torch.Tensor,
-    r: int,
-    how: str,
-    col_sq: torch.Tensor,
-    row_sq: torch.Tensor,
-    seed: int,
-) -> tuple[torch.Tensor, ...]:
-    """SECURA's ``(col_idx, row_idx)`` (sorted, no duplicates) or, for the SVD choices,
-    ``(-1s, -1s, C, R)`` with ``C = U_r sqrt(s_r)`` and ``R = sqrt(s_r) V_r^T``.
-
-    Example:
-        >>> import torch
-        >>> w = torch.diag(torch.tensor([3.0, 1.0, 2.0]))
-        >>> cols, rows = select_directions(w, 1, "largest", *squared_norms(w), seed=0)
-        >>> cols.tolist(), rows.tolist()
-        ([0], [0])
-    """
-    if how in ("smallest", "largest"):
-        big = how == "largest"
-        cols = torch.topk(col_sq, r, largest=big).indices
-        rows = torch.topk(row_sq, r, largest=big).indices
-        return cols.sort().values, rows.sort().values
-    if how == "random":
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        cols = torch.randperm(weight.shape[1], generator=gen)[:r]
-        rows = torch.randperm(weight.shape[0], generator=gen)[:r]
-        return cols.sort().values.to(weight.device), rows.sort().values.to(weight.device)
-    U, sv, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
-    idx = slice(0, r) if how == "svd_major" else slice(sv.shape[0] - r, sv.shape[0])
-    root = sv[idx].sqrt()
-    none = torch.full((r,), -1, dtype=torch.long, device=weight.device)
-    return none, none.clone(), U[:, idx] * root, root[:, None] * Vh[idx]
 
 
 def secura_cores(model: nn.Module) -> list[SecuraCore]:
@@ -424,6 +381,7 @@ __all__ = [
     "CORE_ATTR",
     "SecuraCore",
     "SecuraMethod",
+    "SecuraOptions",
     "SecuraVariant",
     "select_directions",
     "smagnorm_gate",

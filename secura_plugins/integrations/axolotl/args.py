@@ -27,7 +27,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, create_model, field_validator, model_validator
 
 from secura_plugins.errors import did_you_mean
 
@@ -56,9 +56,9 @@ class _StrictBlock(BaseModel):
     def _reject_unknown_keys(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        from secura_plugins.config import FIELD_ALIASES
+        from secura_plugins.config import adapter_aliases
 
-        aliases = {**FIELD_ALIASES, "lambda": "lam", "lambda_": "lam", "buffer_path": "buffer"}
+        aliases = {**adapter_aliases(), "lambda": "lam", "lambda_": "lam", "buffer_path": "buffer"}
         names = list(cls.model_fields)
         for key in data:
             if key not in names:
@@ -139,103 +139,117 @@ class CalibrationSettings(_StrictBlock):
 CONTINUAL_KEYS = ("ewc", "replay", "probe", "probe_steps", "calibration", "keep")
 
 
-class SecuraSettings(_StrictBlock):
-    """Settings of the ``secura:`` block. Adapter fields left ``None`` take the library's
-    default; ``ewc``/``replay``/``probe`` switch on the continual-learning pieces."""
+def _adapter_fields() -> dict[str, Any]:
+    """``secura:`` adapter fields, generated from the same metadata as the Python API:
+    :class:`~secura_plugins.AdapterConfig`'s common fields and every registered method's
+    options dataclass (third-party ones included), each ``None`` by default (the library's
+    default), with the dataclass field's help text."""
+    import typing
+    from dataclasses import fields
 
-    method: str | None = Field(
-        default=None,
-        description="Adapter method: secura (default), curlora, sclora, lora, dora, or a "
-        "method registered by a third-party secura_plugins plugin.",
-    )
-    r: int | None = Field(
-        default=None,
-        description="Rank: rows/columns of W kept by SECURA and CURLoRA, LoRA rank otherwise. "
-        "Falls back to lora_r.",
-    )
-    k: int | None = Field(default=None, description="SECURA core width (A is r x k). None: 4 r.")
-    target_modules: list[str] | str | None = Field(
-        default=None,
-        description="Module-name suffixes to adapt, or 'all-linear'. Falls back to "
-        "lora_target_modules (or 'all-linear' with lora_target_linear: true).",
-    )
-    smagnorm: str | None = Field(
-        default=None,
-        description="S-MagNorm gate: normalized (default), released, continuous or off.",
-    )
-    smagnorm_scale: float | None = Field(default=None, description="S-MagNorm sigmoid sharpness.")
-    merge: str | None = Field(
-        default=None, description="SECURA merge strategy: m1 (default), m2 or none."
-    )
-    merge_every: int | None = Field(default=None, description="Optimizer steps between merges.")
-    output_bias: bool | None = Field(default=None, description="Train SECURA's output bias b_L.")
-    a_init: str | None = Field(
-        default=None, description="Init of SECURA's A: orthogonal, released."
-    )
-    a_scale: float | None = Field(
-        default=None, description="Multiplier of SECURA's initial A (1: the a_init scale)."
-    )
-    cr_select: str | None = Field(
-        default=None,
-        description="SECURA's C/R directions: smallest (default), largest, random, svd_minor, "
-        "svd_major.",
-    )
-    beta: float | None = Field(
-        default=None, description="SC-LoRA preservation trade-off in [0, 1]."
-    )
-    lora_alpha: float | None = Field(
-        default=None,
-        description="Scaling numerator (output x lora_alpha / r). Falls back to lora_alpha.",
-    )
-    lora_dropout: float | None = Field(
-        default=None, description="Adapter input dropout. Falls back to lora_dropout."
-    )
-    adapter_dtype: str | None = Field(
-        default=None, description="dtype of adapter tensors: float32 (default), bfloat16, float16."
-    )
-    eps: float | None = Field(default=None, description="Epsilon of S-MagNorm's relative change.")
-    seed: int | None = Field(default=None, description="Seed of every random choice.")
+    from secura_plugins.config import AdapterConfig
+    from secura_plugins.manager import get_plugin_manager
 
-    ewc: EwcSettings | None = Field(default=None, description="Online EWC (see EwcSettings).")
-    replay: ReplaySettings | None = Field(
-        default=None, description="Replay of earlier tasks' rows (see ReplaySettings)."
-    )
-    probe: str | None = Field(
-        default=None,
-        description="Retention probe: a JSON-lines file of {prompt, answer} rows the model "
-        "should keep answering; logged as eval_retention_* at evaluations and at the end.",
-    )
-    probe_steps: int | None = Field(
-        default=None, ge=1, description="Also run the probe every this many training steps."
-    )
-    calibration: CalibrationSettings | None = Field(
-        default=None, description="SC-LoRA calibration data (method: sclora)."
-    )
-    keep: Any = Field(
-        default=None,
-        description="Self-rehearsal and the KL anchor to the base: a preset name ('keep', the "
-        "recommendation) or a dict of KeepConfig fields (preset, rehearsal, ratio, kl_lambda, "
-        "kl_on_task, kl_mode, ...). With method: sclora and no calibration.negative, the "
-        "rehearsal rows are SC-LoRA's preserve side.",
-    )
+    sources: list[tuple[type, Any]] = [(AdapterConfig, fields(AdapterConfig))]
+    sources += [(m.options_class, fields(m.options_class)) for m in get_plugin_manager().methods]
+    out: dict[str, Any] = {}
+    for cls, declared in sources:
+        hints = typing.get_type_hints(cls)
+        for f in declared:
+            if f.name == "options":
+                continue
+            hint: Any = hints[f.name] | None
+            text = f.metadata.get("help", "")
+            if f.name in out:  # two methods share a name: one field, both meanings
+                old_hint, old = out[f.name]
+                hint = old_hint if old_hint == hint else Any
+                text = old.description if text in old.description else f"{old.description} {text}"
+            elif f.name in _LORA_FALLBACKS:
+                text = f"{text} Falls back to {_LORA_FALLBACKS[f.name]}."
+            out[f.name] = (hint, Field(default=None, description=text))
+    return out
 
-    @field_validator("keep", mode="before")
+
+class _SettingsBase(_StrictBlock):
+    """Validators and helpers of :class:`SecuraSettings` (its fields are generated)."""
+
+    @field_validator("keep", mode="before", check_fields=False)
     @classmethod
     def _check_keep(cls, value: Any) -> Any:
-        from secura_plugins.keep import KeepConfig
+        from secura_plugins.keep.config import KeepConfig
 
         coerced = KeepConfig.coerce(value)  # SecuraConfigError is a ValueError: named field
         return None if coerced is None else coerced.to_dict()
 
-    @field_validator("smagnorm", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _yaml_off(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare `off` as false.
-        return "off" if value is False else value
+    def _yaml_off(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false: 'off' for fields whose choices include it.
+        if not isinstance(data, dict):
+            return data
+        return {k: "off" if v is False and k in _OFF_CHOICES else v for k, v in data.items()}
 
     def adapter_fields(self) -> dict[str, Any]:
         """The adapter fields that were set, as keyword arguments of ``AdapterConfig``."""
         return self.model_dump(exclude_none=True, exclude=set(CONTINUAL_KEYS))
+
+
+def _off_choices() -> frozenset[str]:
+    from dataclasses import fields
+
+    from secura_plugins.manager import get_plugin_manager
+
+    return frozenset(
+        f.name
+        for m in get_plugin_manager().methods
+        for f in fields(m.options_class)
+        if "off" in (f.metadata.get("choices") or ())
+    )
+
+
+_OFF_CHOICES = _off_choices()
+
+#: Settings of the ``secura:`` block. Adapter fields left ``None`` take the library's
+#: default; ``ewc``/``replay``/``probe`` switch on the continual-learning pieces.
+SecuraSettings = create_model(
+    "SecuraSettings",
+    __base__=_SettingsBase,
+    __module__=__name__,
+    **_adapter_fields(),
+    ewc=(EwcSettings | None, Field(default=None, description="Online EWC (see EwcSettings).")),
+    replay=(
+        ReplaySettings | None,
+        Field(default=None, description="Replay of earlier tasks' rows (see ReplaySettings)."),
+    ),
+    probe=(
+        str | None,
+        Field(
+            default=None,
+            description="Retention probe: a JSON-lines file of {prompt, answer} rows the model "
+            "should keep answering; logged as eval_retention_* at evaluations and at the end.",
+        ),
+    ),
+    probe_steps=(
+        int | None,
+        Field(default=None, ge=1, description="Also run the probe every this many training steps."),
+    ),
+    calibration=(
+        CalibrationSettings | None,
+        Field(default=None, description="SC-LoRA calibration data (method: sclora)."),
+    ),
+    keep=(
+        Any,
+        Field(
+            default=None,
+            description="Self-rehearsal and the KL anchor to the base: a preset name ('keep', "
+            "the recommendation) or a dict of KeepConfig fields (preset, rehearsal, ratio, "
+            "kl_lambda, kl_on_task, kl_mode, ...). With method: sclora and no "
+            "calibration.negative, the rehearsal rows are SC-LoRA's preserve side.",
+        ),
+    ),
+)
+SecuraSettings.__doc__ = """Settings of the ``secura:`` block. Adapter fields left ``None`` take
+the library's default; ``ewc``/``replay``/``probe`` switch on the continual-learning pieces."""
 
 
 class SecuraArgs(BaseModel):
@@ -275,7 +289,7 @@ class SecuraArgs(BaseModel):
         config = adapter_config_from_cfg(data)  # SecuraConfigError names the field and fix
         settings = secura_settings(data)
         _check_state_files(settings)
-        if config.method == "sclora" and not data.get("lora_model_dir"):
+        if config.adapter_method.needs_calibration and not data.get("lora_model_dir"):
             calibration = settings.calibration
             if calibration is None or not calibration.negative:
                 raise ValueError(

@@ -226,11 +226,12 @@ class SecuraPlugin(BasePlugin):
             LOG.info("adapter: secura: building %s adapter %s", config.method, config.to_dict())
             data: dict[str, Any] = {}
             settings = secura_settings(cfg)
-            if config.method == "sclora" and settings.calibration is not None:
+            calibrated = config.adapter_method.needs_calibration
+            if calibrated and settings.calibration is not None:
                 from .calibration import calibration_data
 
                 data = calibration_data(cfg, settings.calibration)
-            if config.method == "sclora" and settings.keep and "negative" not in data:
+            if calibrated and settings.keep and "negative" not in data:
                 data = {**data, **self._keep_calibration(cfg, model, data)}
             if "negative" in data:
                 LOG.info(
