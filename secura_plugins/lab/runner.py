@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ..keep import Keep, KeepConfig
 from ..sequence import SequenceHooks, TaskRun
 from .base import BaseModel
 from .data import task_pairs
@@ -65,6 +66,8 @@ class MethodSpec:
     ewc: float | None = None
     replay: float | None = None
     replay_base: bool = False
+    #: A :data:`~secura_plugins.keep.KEEP_PRESETS` name: self-rehearsal + KL anchor.
+    keep: str | None = None
 
 
 #: EWC strength. The Fisher of these tiny models' parameters is 1e-10..1e-4, so lambda
@@ -110,16 +113,31 @@ METHODS: dict[str, MethodSpec] = {
 
 
 def method_spec(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` called ``name`` (a clear error lists the choices)."""
+    """The :class:`MethodSpec` called ``name`` (a clear error lists the choices).
+
+    ``<method>+keep`` (or ``+rehearsal-only``) adds the :mod:`secura_plugins.keep` tools
+    (the base's self-rehearsal and the KL anchor to it) to any adapter method."""
+    from ..keep import KEEP_PRESETS
+
+    stem, _, preset = name.rpartition("+")
+    if stem in METHODS and preset in KEEP_PRESETS:
+        if METHODS[stem].adapter is None:
+            from ..errors import SecuraConfigError
+
+            raise SecuraConfigError(
+                "--methods",
+                f"{name!r}: keep needs an adapter (it disables it to ask the "
+                f"base); use it with one of {', '.join(m for m in METHODS if METHODS[m].adapter)}",
+            )
+        return dataclasses.replace(METHODS[stem], name=name, keep=preset)
     if name not in METHODS:
-        import difflib
+        from ..errors import SecuraConfigError, did_you_mean
 
-        from ..errors import SecuraConfigError
-
-        hint = difflib.get_close_matches(name, list(METHODS), n=1)
-        fix = f"did you mean {hint[0]!r}? " if hint else ""
+        fix = did_you_mean(name, list(METHODS))
         raise SecuraConfigError(
-            "--methods", f"unknown lab method {name!r}; {fix}choose from {', '.join(METHODS)}"
+            "--methods",
+            f"unknown lab method {name!r}; {fix}choose from {', '.join(METHODS)} "
+            f"(any adapter method also as <method>+{'|+'.join(KEEP_PRESETS)})",
         )
     return METHODS[name]
 
@@ -284,9 +302,12 @@ def run_sequence(
     if real:
         record.update({"base_nll": base_extra["nll"], "nll": [], "nll_rise": []})
         record["probe_by_format"] = []
+    if method.keep:
+        record["keep_kl"] = []
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         hooks = _LabHooks(base, method, settings, lr, seed, Path(tmp), record, matrix)
         hooks.ewc, hooks.buffer, hooks.probe, hooks.tok = ewc, buffer, probe, tok
+        hooks.exclude = [p for p, _ in knowledge]  # rehearsal never asks the probe
         hooks.adapted = config is not None
         train_sequence(
             model, tok, sequence, hooks, ewc=ewc, replay=buffer, matrix=matrix, print_logs=False
@@ -322,12 +343,16 @@ class _LabHooks(SequenceHooks):
     probe: Any = None
     tok: Any = None
     adapted: bool = True
+    exclude: list[str] = field(default_factory=list)
     state_bytes: int = 0
 
     def args(self, run: TaskRun) -> Any:
         from trl import SFTConfig
 
         settings, seed = self.settings, self.seed
+        extra = dict(settings.extra)
+        if self.method.keep and KeepConfig.coerce(self.method.keep).anchors:
+            extra.setdefault("loss_type", "nll")  # the KL anchor needs the logits
         return SFTConfig(
             output_dir=str(self.tmp / f"task-{run.index}"),
             max_steps=settings.steps,
@@ -346,13 +371,18 @@ class _LabHooks(SequenceHooks):
             max_length=settings.max_length,
             dataloader_num_workers=0,
             bf16=False,  # TRL defaults to bf16 autocast; these runs are fp32
-            **settings.extra,
+            **extra,
         )
 
     def callbacks(self, run: TaskRun) -> list[Any]:
         from ..integrations.trl import SecuraCallback
 
-        return [SecuraCallback(ewc=self.ewc, replay=self.buffer)] if self.adapted else []
+        if not self.adapted:
+            return []
+        keep = None
+        if self.method.keep:  # a fresh Keep per task: the base rehearses each task's shapes
+            keep = Keep(self.method.keep, exclude=self.exclude, progress=False)
+        return [SecuraCallback(ewc=self.ewc, replay=self.buffer, keep=keep)]
 
     def trained(self, run: TaskRun) -> None:
         trainer, record = run.trainer, self.record
@@ -360,6 +390,9 @@ class _LabHooks(SequenceHooks):
         record["step_seconds"].append(run.output.metrics["train_runtime"] / steps)
         record["train_loss"].append(run.output.training_loss)
         self.state_bytes = max(self.state_bytes, _state_bytes(trainer.model, trainer.optimizer))
+        if self.method.keep:
+            logs = [h["keep/kl"] for h in trainer.state.log_history if "keep/kl" in h]
+            record["keep_kl"].append(sum(logs) / len(logs) if logs else None)
         if torch.cuda.is_available():
             record.setdefault("cuda_peak_mib", []).append(torch.cuda.max_memory_allocated() / 2**20)
 
