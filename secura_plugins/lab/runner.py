@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 
-from ..keep import Keep, KeepConfig
 from ..sequence import SequenceHooks, TaskRun
 from .base import BaseModel
 from .data import task_pairs
@@ -350,6 +349,8 @@ class _LabHooks(SequenceHooks):
         from trl import SFTConfig
 
         settings, seed = self.settings, self.seed
+        from ..keep import KeepConfig
+
         extra = dict(settings.extra)
         if self.method.keep and KeepConfig.coerce(self.method.keep).anchors:
             extra.setdefault("loss_type", "nll")  # the KL anchor needs the logits
@@ -376,6 +377,7 @@ class _LabHooks(SequenceHooks):
 
     def callbacks(self, run: TaskRun) -> list[Any]:
         from ..integrations.trl import SecuraCallback
+        from ..keep import Keep
 
         if not self.adapted:
             return []
