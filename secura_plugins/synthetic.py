@@ -9,7 +9,7 @@ the lab's torch and plotting modules.)
 Example:
     >>> from secura_plugins.synthetic import builtin_rows
     >>> builtin_rows("add", 2)
-    [{'prompt': '24+48=', 'completion': '72'}, {'prompt': '1+26=', 'completion': '27'}]
+    [{'prompt': '19+31=', 'completion': '50'}, {'prompt': '49+28=', 'completion': '77'}]
 """
 
 from __future__ import annotations
