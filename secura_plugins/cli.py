@@ -162,7 +162,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def _pairs(spec: str) -> list[tuple[str, str]]:
     from .continual.probe import load_pairs
-    from .recipe import builtin_rows
+    from .synthetic import builtin_rows
 
     if spec.startswith("builtin:"):
         parts = spec.split(":")
@@ -173,43 +173,27 @@ def _pairs(spec: str) -> list[tuple[str, str]]:
     return load_pairs(spec)
 
 
-def _load_base(path: str, *, four_bit: bool, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .quant import keep_4bit_layout, nf4_config
-
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
-    if four_bit:
-        kwargs["quantization_config"] = nf4_config(dtype)  # the same as `secura train`
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-    keep_4bit_layout(model)
-    return model
-
-
 def _eval(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoTokenizer
 
     from .continual.probe import RetentionProbe
+    from .loading import load_base, load_tokenizer
     from .model import load_adapter
 
     pairs = _pairs(args.probe)
     base_path = _adapter_base(args.adapter, args.base)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(base_path)
     probe = RetentionProbe(pairs, tokenizer, batch_size=args.batch_size, progress=True)
+    four_bit = {"load_in_4bit": args.load_in_4bit, "field": "--load-in-4bit"}
     model = load_adapter(
-        _load_base(base_path, four_bit=args.load_in_4bit, dtype=args.dtype), args.adapter
+        load_base(base_path, **four_bit, dtype=args.dtype, on_gpu=True), args.adapter
     )
     report: dict[str, Any] = {"adapter": probe.evaluate(model), "pairs": len(probe)}
     if args.merged_gap:
         if args.load_in_4bit:
             raise SecuraConfigError("--merged-gap", "needs a dense base; drop --load-in-4bit")
-        merged = load_adapter(_load_base(base_path, four_bit=False, dtype=args.dtype), args.adapter)
+        dense = load_base(base_path, dtype=args.dtype, on_gpu=True)
+        merged = load_adapter(dense, args.adapter)
         merged = merged.merge_and_unload(safe_merge=True).eval()
         report["merged"] = probe.evaluate(merged)
         gap = 0.0
@@ -272,8 +256,7 @@ def _forgetting_models(
     was trained on an NF4 base (then both models load in NF4 unless ``four_bit`` says
     otherwise); a plain PEFT adapter names its base too; a merged model needs ``base``.
     """
-    from transformers import AutoTokenizer
-
+    from .loading import load_base, load_tokenizer
     from .model import load_adapter
     from .real_model import resolve_model_path
 
@@ -294,19 +277,17 @@ def _forgetting_models(
         raise SecuraConfigError("--base", f"{folder} does not name its base model; pass --base")
     base_path = _adapter_base(str(folder), base) if ours else resolve_model_path(base or named)
     four_bit = bool(four_bit)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {"four_bit": four_bit, "dtype": dtype}  # NF4 exactly as secura train loads it
-    reference = _load_base(base_path, **kwargs)
+    tokenizer = load_tokenizer(base_path)
+    kwargs: dict[str, Any] = {"load_in_4bit": four_bit, "dtype": dtype, "on_gpu": True}
+    reference = load_base(base_path, **kwargs)  # NF4 exactly as secura train loads it
     if ours:
-        model = load_adapter(_load_base(base_path, **kwargs), folder)
+        model = load_adapter(load_base(base_path, **kwargs), folder)
     elif meta:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(_load_base(base_path, **kwargs), str(folder))
+        model = PeftModel.from_pretrained(load_base(base_path, **kwargs), str(folder))
     else:
-        model = _load_base(str(folder), **kwargs)
+        model = load_base(str(folder), **kwargs)
     kind = "adapter" if meta else "merged model"
     info = {"model": str(folder), "kind": kind, "base": base_path, "four_bit": four_bit}
     return reference, model.eval(), tokenizer, info

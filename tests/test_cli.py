@@ -282,12 +282,12 @@ def test_train_and_eval_load_in_4bit_quantize_the_base_identically(tmp_path):
     the same NF4 weights: same bytes, scales and double-quantization statistics."""
     from bitsandbytes.nn import Linear4bit
 
-    from secura_plugins.cli import _load_base
+    from secura_plugins.loading import load_base
     from secura_plugins.recipe import ModelSpec, _load_model
 
     spec = ModelSpec.from_dict({"tiny": "llama", "load_in_4bit": True, "seed": 3})
     trained, _ = _load_model(spec, tmp_path)
-    scored = _load_base(str(tmp_path / "base"), four_bit=True, dtype=spec.dtype)
+    scored = load_base(str(tmp_path / "base"), load_in_4bit=True, dtype=spec.dtype, on_gpu=True)
 
     def layers(model):
         return {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}

@@ -83,6 +83,26 @@ def test_lr_sweep_picks_the_gentlest_matching_rate(lab_cache, tmp_path):
     assert len(outcomes) > 1, result["sweep"]
 
 
+def test_keep_variant_of_a_lab_method_rehearses_and_anchors(lab_cache, tmp_path):
+    """``<method>+keep`` runs the keep tools (the base's self-rehearsal + the KL anchor to
+    the base) inside the lab's task loop: the KL is measured while training, the mixed
+    data change the run, and a method without an adapter is refused."""
+    from secura_plugins.lab.runner import RunSettings, method_spec, run_sequence
+
+    base = pretrain_base(LabConfig.quick().base, cache_dir=lab_cache, progress=False)
+    spec = method_spec("lora+keep")
+    assert (spec.keep, spec.family, spec.adapter) == ("keep", "lora", method_spec("lora").adapter)
+    settings = RunSettings(steps=4, n_train=32, n_eval=8)
+    run = {"tasks": ["first", "up"], "lr": 1e-2, "settings": settings, "work_dir": tmp_path}
+    kept = run_sequence(base, spec, **run)
+    plain = run_sequence(base, method_spec("lora"), **run)
+    assert kept["method"] == "lora+keep" and "keep_kl" not in plain
+    assert len(kept["keep_kl"]) == 2 and all(v is not None and v > 0 for v in kept["keep_kl"])
+    assert kept["train_loss"] != plain["train_loss"]  # rehearsal rows were trained on
+    with pytest.raises(SecuraConfigError, match="keep needs an adapter"):
+        method_spec("full+keep")
+
+
 def test_pick_lrs_rule():
     sweep = [
         {"family": "a", "lr": 1e-3, "learning_accuracy": 0.5},

@@ -51,9 +51,9 @@ class Mutation:
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "recipe-resume-ignored",
-        "secura_plugins/recipe.py",
-        "trainer.train(resume_from_checkpoint=checkpoint)",
-        "trainer.train(resume_from_checkpoint=None)",
+        "secura_plugins/recipe/runner.py",
+        "        return checkpoint\n",
+        "        return None\n",
         (
             "tests/test_cli.py::test_continual_recipe_end_to_end_and_resume",
             "tests/test_resume.py::test_sigkill_mid_task_then_same_command_resumes",

@@ -89,11 +89,11 @@ class BaseModel:
 
     def load(self):
         """``(model, tokenizer)`` fresh from the folder (fp32, eval mode)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(self.path))
-        return model.eval(), tok
+        from ..loading import load_base
+
+        return load_base(str(self.path)), AutoTokenizer.from_pretrained(str(self.path))
 
 
 def _batch(tok: Any, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:

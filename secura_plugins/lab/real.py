@@ -123,11 +123,11 @@ def load_real_model(four_bit: bool = False, cache_dir: str | os.PathLike | None 
     """
     from transformers import AutoTokenizer
 
-    from ..cli import _load_base
+    from ..loading import load_base
     from ..real_model import smollm2_checkpoint
 
     folder = smollm2_checkpoint(cache_dir)
-    model = _load_base(str(folder), four_bit=four_bit, dtype="float32")
+    model = load_base(str(folder), load_in_4bit=four_bit, on_gpu=True)
     tok = AutoTokenizer.from_pretrained(str(folder))
     tok.eos_token = END_OF_TURN
     tok.pad_token = END_OF_TURN

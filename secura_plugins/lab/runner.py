@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ..sequence import SequenceHooks, TaskRun
 from .base import BaseModel
 from .data import task_pairs
 
@@ -64,6 +65,8 @@ class MethodSpec:
     ewc: float | None = None
     replay: float | None = None
     replay_base: bool = False
+    #: A :data:`~secura_plugins.keep.KEEP_PRESETS` name: self-rehearsal + KL anchor.
+    keep: str | None = None
 
 
 #: EWC strength. The Fisher of these tiny models' parameters is 1e-10..1e-4, so lambda
@@ -109,16 +112,31 @@ METHODS: dict[str, MethodSpec] = {
 
 
 def method_spec(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` called ``name`` (a clear error lists the choices)."""
+    """The :class:`MethodSpec` called ``name`` (a clear error lists the choices).
+
+    ``<method>+keep`` (or ``+rehearsal-only``) adds the :mod:`secura_plugins.keep` tools
+    (the base's self-rehearsal and the KL anchor to it) to any adapter method."""
+    from ..keep import KEEP_PRESETS
+
+    stem, _, preset = name.rpartition("+")
+    if stem in METHODS and preset in KEEP_PRESETS:
+        if METHODS[stem].adapter is None:
+            from ..errors import SecuraConfigError
+
+            raise SecuraConfigError(
+                "--methods",
+                f"{name!r}: keep needs an adapter (it disables it to ask the "
+                f"base); use it with one of {', '.join(m for m in METHODS if METHODS[m].adapter)}",
+            )
+        return dataclasses.replace(METHODS[stem], name=name, keep=preset)
     if name not in METHODS:
-        import difflib
+        from ..errors import SecuraConfigError, did_you_mean
 
-        from ..errors import SecuraConfigError
-
-        hint = difflib.get_close_matches(name, list(METHODS), n=1)
-        fix = f"did you mean {hint[0]!r}? " if hint else ""
+        fix = did_you_mean(name, list(METHODS))
         raise SecuraConfigError(
-            "--methods", f"unknown lab method {name!r}; {fix}choose from {', '.join(METHODS)}"
+            "--methods",
+            f"unknown lab method {name!r}; {fix}choose from {', '.join(METHODS)} "
+            f"(any adapter method also as <method>+{'|+'.join(KEEP_PRESETS)})",
         )
     return METHODS[name]
 
@@ -135,15 +153,6 @@ class RunSettings:
     lr_scheduler: str = "linear"
     max_length: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _calibration(pairs: list[tuple[str, str]], tok: Any, n: int = 8) -> list[dict[str, Any]]:
-    texts = [p + a for p, a in pairs[: 4 * n]]
-    out = []
-    for i in range(0, len(texts), 4):
-        enc = tok(texts[i : i + 4], return_tensors="pt", padding=True)
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    return out
 
 
 def _rows(pairs: list[tuple[str, str]] | list[dict[str, Any]]):
@@ -224,16 +233,15 @@ def run_sequence(
     work_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` on ``tasks`` in order from ``base``; return the measured record."""
-    from transformers import PrinterCallback, set_seed
-    from trl import SFTConfig
+    from transformers import set_seed
 
     from ..config import AdapterConfig
     from ..continual.ewc import EWC
-    from ..continual.metrics import AccuracyMatrix, retention
+    from ..continual.metrics import AccuracyMatrix
     from ..continual.probe import RetentionProbe
     from ..continual.replay import ReplayBuffer
-    from ..integrations.trl import SecuraCallback, SecuraSFTTrainer
     from ..model import apply_adapter, count_parameters
+    from ..sequence import SequenceTask, calibration_batches, train_sequence
 
     settings = settings or RunSettings()
     set_seed(seed)
@@ -243,8 +251,9 @@ def run_sequence(
         from ..errors import SecuraConfigError
 
         raise SecuraConfigError(
-            "--methods", f"{method.name!r} trains every weight and cannot run on the 4-bit base; "
-            "drop it or leave out --four-bit"
+            "--methods",
+            f"{method.name!r} trains every weight and cannot run on the 4-bit base; "
+            "drop it or leave out --four-bit",
         )
     knowledge = base.probe_pairs() if real else base.spec.pairs()
     probe = RetentionProbe(knowledge, tok, batch_size=128)
@@ -257,7 +266,10 @@ def run_sequence(
         data = {}
         if config.adapter_method.needs_calibration:
             first = _task_pairs(base, tasks[0], settings, seed, tok)
-            data = {"positive": _calibration(first, tok), "negative": _calibration(knowledge, tok)}
+            data = {
+                "positive": calibration_batches([p + a for p, a in first], tok),
+                "negative": calibration_batches([p + a for p, a in knowledge], tok),
+            }
         model = apply_adapter(model, config, **data)
     params = count_parameters(model)
     if not real:
@@ -268,7 +280,11 @@ def run_sequence(
         buffer = ReplayBuffer(capacity=4 * settings.n_train, seed=seed, ratio=method.replay)
         if method.replay_base:
             buffer.add(_rows(knowledge), task="base")
-    evals = [_eval_pairs(base, t, settings, tok) for t in tasks]
+    sequence = []
+    for tag in tasks:
+        rows = _train_rows(base, tag, settings, seed, tok, flat=bool(method.replay))
+        evals = _eval_pairs(base, tag, settings, tok)
+        sequence.append(SequenceTask(tag, rows, _scorer(evals, tok)))
     matrix = AccuracyMatrix(len(tasks), tasks)
     record: dict[str, Any] = {
         "method": method.name,
@@ -285,83 +301,126 @@ def run_sequence(
     if real:
         record.update({"base_nll": base_extra["nll"], "nll": [], "nll_rise": []})
         record["probe_by_format"] = []
-    state_bytes = 0
+    if method.keep:
+        record["keep_kl"] = []
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        for i, tag in enumerate(tasks):
-            rows = _train_rows(base, tag, settings, seed, tok, flat=bool(method.replay))
-            args = SFTConfig(
-                output_dir=str(Path(tmp) / f"task-{i}"),
-                max_steps=settings.steps,
-                per_device_train_batch_size=settings.batch_size,
-                learning_rate=lr,
-                lr_scheduler_type=settings.lr_scheduler,
-                warmup_steps=0,
-                weight_decay=0.0,
-                logging_steps=max(1, settings.steps // 4),
-                save_strategy="no",
-                report_to="none",
-                disable_tqdm=True,
-                seed=seed,
-                data_seed=seed,
-                use_cpu=not torch.cuda.is_available(),
-                max_length=settings.max_length,
-                dataloader_num_workers=0,
-                bf16=False,  # TRL defaults to bf16 autocast; these runs are fp32
-                **settings.extra,
-            )
-            callbacks = [SecuraCallback(ewc=ewc, replay=buffer)] if config is not None else []
-            trainer = SecuraSFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=rows,
-                processing_class=tok,
-                callbacks=callbacks,
-                ewc=ewc,
-                replay=buffer,
-                task_name=tag,
-            )
-            trainer.remove_callback(PrinterCallback)  # logs stay in state.log_history
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            output = trainer.train()
-            steps = max(trainer.state.global_step, 1)
-            record["step_seconds"].append(output.metrics["train_runtime"] / steps)
-            record["train_loss"].append(output.training_loss)
-            state_bytes = max(state_bytes, _state_bytes(trainer.model, trainer.optimizer))
-            if torch.cuda.is_available():
-                record.setdefault("cuda_peak_mib", []).append(
-                    torch.cuda.max_memory_allocated() / 2**20
-                )
-            model = trainer.model
-            for j in range(i + 1):
-                matrix.record(i, j, _accuracy(model, evals[j], tok))
-            if real:
-                scores = base.measure(model, tok)
-                score = scores["known_kept"]
-                record["probe_by_format"].append(scores["known_kept_by_format"])
-                record["nll"].append(scores["nll"])
-                record["nll_rise"].append(scores["nll"] - base_extra["nll"])
-            else:
-                score = probe.evaluate(model)["accuracy"]
-            record["probe"].append(score)
-            record["retention"].append(retention(base_probe["accuracy"], score))
-            logger.info(
-                "%s seed %d lr %g after %s: acc %s retention %.3f",
-                method.name,
-                seed,
-                lr,
-                tag,
-                [round(v, 3) for v in matrix.a[i][: i + 1]],
-                record["retention"][-1],
-            )
-            del trainer
+        hooks = _LabHooks(base, method, settings, lr, seed, Path(tmp), record, matrix)
+        hooks.ewc, hooks.buffer, hooks.probe, hooks.tok = ewc, buffer, probe, tok
+        hooks.exclude = [p for p, _ in knowledge]  # rehearsal never asks the probe
+        hooks.adapted = config is not None
+        train_sequence(
+            model, tok, sequence, hooks, ewc=ewc, replay=buffer, matrix=matrix, print_logs=False
+        )
     record["matrix"] = matrix.a
     record.update(matrix.summary())
     record["learning_accuracy"] = sum(matrix.a[i][i] for i in range(len(tasks))) / len(tasks)
-    record["state_mib"] = state_bytes / 2**20
+    record["state_mib"] = hooks.state_bytes / 2**20
     if any(math.isnan(v) for v in record["train_loss"] if v is not None):
         logger.warning("%s seed %d: NaN training loss", method.name, seed)
     return record
+
+
+def _scorer(evals: Any, tok: Any):
+    return lambda model: _accuracy(model, evals, tok)
+
+
+@dataclass
+class _LabHooks(SequenceHooks):
+    """The lab's part of the task loop: the same budget for every method, scratch
+    output folders, and the record (timing, memory, probe, retention, NLL)."""
+
+    base: Any
+    method: MethodSpec
+    settings: RunSettings
+    lr: float
+    seed: int
+    tmp: Path
+    record: dict[str, Any]
+    matrix: Any
+    ewc: Any = None
+    buffer: Any = None
+    probe: Any = None
+    tok: Any = None
+    adapted: bool = True
+    exclude: list[str] = field(default_factory=list)
+    state_bytes: int = 0
+
+    def args(self, run: TaskRun) -> Any:
+        from trl import SFTConfig
+
+        settings, seed = self.settings, self.seed
+        from ..keep import KeepConfig
+
+        extra = dict(settings.extra)
+        if self.method.keep and KeepConfig.coerce(self.method.keep).anchors:
+            extra.setdefault("loss_type", "nll")  # the KL anchor needs the logits
+        return SFTConfig(
+            output_dir=str(self.tmp / f"task-{run.index}"),
+            max_steps=settings.steps,
+            per_device_train_batch_size=settings.batch_size,
+            learning_rate=self.lr,
+            lr_scheduler_type=settings.lr_scheduler,
+            warmup_steps=0,
+            weight_decay=0.0,
+            logging_steps=max(1, settings.steps // 4),
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=seed,
+            data_seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+            max_length=settings.max_length,
+            dataloader_num_workers=0,
+            bf16=False,  # TRL defaults to bf16 autocast; these runs are fp32
+            **extra,
+        )
+
+    def callbacks(self, run: TaskRun) -> list[Any]:
+        from ..integrations.trl import SecuraCallback
+        from ..keep import Keep
+
+        if not self.adapted:
+            return []
+        keep = None
+        if self.method.keep:  # a fresh Keep per task: the base rehearses each task's shapes
+            keep = Keep(self.method.keep, exclude=self.exclude, progress=False)
+        return [SecuraCallback(ewc=self.ewc, replay=self.buffer, keep=keep)]
+
+    def trained(self, run: TaskRun) -> None:
+        trainer, record = run.trainer, self.record
+        steps = max(trainer.state.global_step, 1)
+        record["step_seconds"].append(run.output.metrics["train_runtime"] / steps)
+        record["train_loss"].append(run.output.training_loss)
+        self.state_bytes = max(self.state_bytes, _state_bytes(trainer.model, trainer.optimizer))
+        if self.method.keep:
+            logs = [h["keep/kl"] for h in trainer.state.log_history if "keep/kl" in h]
+            record["keep_kl"].append(sum(logs) / len(logs) if logs else None)
+        if torch.cuda.is_available():
+            record.setdefault("cuda_peak_mib", []).append(torch.cuda.max_memory_allocated() / 2**20)
+
+    def finished(self, run: TaskRun) -> None:
+        from ..continual.metrics import retention
+
+        model, record, i = run.trainer.model, self.record, run.index
+        if not isinstance(self.base, BaseModel):
+            scores = self.base.measure(model, self.tok)
+            score = scores["known_kept"]
+            record["probe_by_format"].append(scores["known_kept_by_format"])
+            record["nll"].append(scores["nll"])
+            record["nll_rise"].append(scores["nll"] - record["base_nll"])
+        else:
+            score = self.probe.evaluate(model)["accuracy"]
+        record["probe"].append(score)
+        record["retention"].append(retention(record["base_probe"], score))
+        logger.info(
+            "%s seed %d lr %g after %s: acc %s retention %.3f",
+            self.method.name,
+            self.seed,
+            self.lr,
+            run.task.name,
+            [round(v, 3) for v in self.matrix.a[i][: i + 1]],
+            record["retention"][-1],
+        )
 
 
 def settings_dict(settings: RunSettings) -> dict[str, Any]:
