@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._fs import atomic_write_json
 from .config import AdapterConfig
 from .errors import SecuraConfigError, did_you_mean
 
@@ -575,11 +576,7 @@ def _calibration_batches(rows, tokenizer, n: int = 8) -> list[dict[str, Any]]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 #: Written into output_dir when a run starts: which recipe this folder's progress is of.

@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._fs import atomic_path
+
 __all__ = ["EWC", "default_loss_fn", "trainable_parameters"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -300,7 +302,7 @@ class EWC:
             raise ValueError("state: fisher and anchors name different parameters")
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the state as one safetensors file (atomic: temp file + rename)."""
+        """Write the state as one safetensors file (atomic, see :mod:`secura_plugins._fs`)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -315,9 +317,8 @@ class EWC:
             "gamma": repr(self.gamma),
             "num_tasks": str(self.num_tasks),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod

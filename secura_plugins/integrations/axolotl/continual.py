@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..._fs import atomic_write_text
 from .args import ReplaySettings, SecuraSettings
 
 EWC_STATE_NAME = "secura_ewc.safetensors"
@@ -108,7 +109,7 @@ def prepare_replay_mix(cfg: Any, settings: ReplaySettings) -> Path | None:
     rows = buffer.sample(n, seed=settings.seed)
     out = Path(cfg["output_dir"]) / REPLAY_MIX_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     template = {k: v for k, v in dict(datasets[0]).items() if k not in _SOURCE_KEYS}
     entry = {**template, "path": str(out), "ds_type": "json"}
     datasets.append(type(datasets[0])(entry) if isinstance(datasets[0], dict) else entry)
