@@ -675,7 +675,7 @@ def _clean_task_dir(task_dir: Path, complete: str | None) -> None:
     resumed run writes again) and scratch folders left by a killed save."""
     import shutil
 
-    from .integrations.trl import checkpoint_folders
+    from .integrations.trainer.checkpoint import checkpoint_folders
 
     keep = int(complete.rsplit("-", 1)[1]) if complete else -1
     stale = [path for step, path in checkpoint_folders(task_dir) if step > keep]

@@ -318,6 +318,6 @@ class Keep:
 
 
 def _peft(model: Any) -> Any:
-    from ..integrations.trl import _unwrap
+    from accelerate.utils import extract_model_from_parallel
 
-    return _unwrap(model)
+    return extract_model_from_parallel(model)

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..._fs import atomic_write_text
+from ..trainer.checkpoint import EWC_STATE_NAME, REPLAY_STATE_NAME
 from .args import ReplaySettings, SecuraSettings
 
-EWC_STATE_NAME = "secura_ewc.safetensors"
-REPLAY_STATE_NAME = "secura_replay.jsonl"
 REPLAY_MIX_NAME = "secura_replay_mix.jsonl"
 #: Keys of an axolotl dataset entry that say where rows come from (not how to format them).
 _SOURCE_KEYS = (
