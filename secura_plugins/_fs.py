@@ -14,6 +14,9 @@ If the write raises (or the process is interrupted by an exception), the tempora
 file is removed and the old file, if any, is left untouched. Temporary names start
 with ``.`` and contain ``.tmp`` (see :func:`is_temp_name`), so a listing can skip them.
 
+A whole folder (an adapter, an exported model, a cached base) is written the same way
+by :func:`staged_dir`: into a hidden folder beside it, fsynced, then renamed.
+
 Example:
     >>> import tempfile
     >>> from pathlib import Path
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +50,8 @@ __all__ = [
     "fsync_dir",
     "fsync_tree",
     "is_temp_name",
+    "replace_dir",
+    "staged_dir",
 ]
 
 
@@ -135,3 +141,56 @@ def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None 
     JSON-serialisable raises without touching the folder.
     """
     return atomic_write_text(path, json.dumps(data, indent=indent))
+
+
+def replace_dir(stage: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the finished folder ``stage`` to ``target``; an old ``target`` is moved
+    aside first and deleted after (a crash in between leaves it as ``.NAME.old-*``)."""
+    stage, target = Path(stage), Path(target)
+    try:
+        os.replace(stage, target)  # target absent or an empty folder
+    except OSError:
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(stage, target)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``target`` (``.NAME.tmp-*``) to write into.
+
+    When the block ends without an exception, every file in it is fsynced and the folder
+    is renamed to ``target`` (:func:`replace_dir`). With ``keep_existing`` a ``target``
+    that exists by then (another process finished first, e.g. a cache) is kept and the
+    new folder deleted. On an exception the new folder is deleted and ``target`` is left
+    as it was. The parent folder is created if needed.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "model"
+        >>> with staged_dir(target) as stage:
+        ...     _ = (stage / "config.json").write_text("{}")
+        >>> sorted(p.name for p in target.iterdir())
+        ['config.json']
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield stage
+        fsync_tree(stage)
+        if keep_existing:
+            try:
+                os.replace(stage, target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+                shutil.rmtree(stage, ignore_errors=True)
+            fsync_dir(target.parent)
+        else:
+            replace_dir(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

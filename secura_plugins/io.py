@@ -49,7 +49,7 @@ from peft import PeftModel
 from torch import nn
 
 from . import __version__
-from ._fs import atomic_path, atomic_write_json, fsync_dir
+from ._fs import atomic_path, atomic_write_json, staged_dir
 from .config import AdapterConfig
 from .errors import AdapterLoadError, ExportError, SecuraConfigError, SecuraError
 from .faults import kill_point
@@ -149,13 +149,8 @@ def save_adapter(
     target = Path(path)
     if _is_new_or_adapter_dir(target):
         _prepare_dir(target.parent)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with staged_dir(target) as stage:
             _write_adapter(model, config, adapter_name, stage, state_dict)
-            _replace_dir(stage, target)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
         return target
     _write_adapter(model, config, adapter_name, _prepare_dir(target), state_dict)
     return target
@@ -171,19 +166,6 @@ def _is_new_or_adapter_dir(path: Path) -> bool:
     if not path.is_dir():
         return False
     return {p.name for p in path.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME}
-
-
-def _replace_dir(stage: Path, target: Path) -> None:
-    """Rename the finished folder ``stage`` to ``target``; an old ``target`` is moved
-    aside first and deleted after (a crash in between leaves it as ``.NAME.old-*``)."""
-    try:
-        os.replace(stage, target)  # target absent or an empty folder
-    except OSError:
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(stage, target)
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(target.parent)
 
 
 def _write_adapter(
@@ -483,16 +465,8 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
     if path.exists() and any(path.iterdir()):
         raise ExportError(f"{path} exists and is not empty; choose a new output folder")
     _prepare_dir(path.parent)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path) as scratch:
         yield scratch
-        if path.exists():
-            path.rmdir()
-        os.replace(scratch, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
 
 
 def export_merged(model: PeftModel, out_dir: str | os.PathLike, *, safe: bool = True) -> Path:

@@ -16,6 +16,7 @@ from secura_plugins._fs import (
     atomic_write_json,
     atomic_write_text,
     is_temp_name,
+    staged_dir,
 )
 
 
@@ -102,3 +103,31 @@ def test_suffix_keeps_the_extension_for_writers_that_need_it(tmp_path):
         assert is_temp_name(tmp.name)
         tmp.write_bytes(b"png")
     assert (tmp_path / "plot.png").read_bytes() == b"png"
+
+
+def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "weights").write_text("old")
+
+    with pytest.raises(WriterCrashed), staged_dir(target) as stage:
+        (stage / "weights").write_text("new, half written")
+        raise WriterCrashed("killed mid-save")
+    assert (target / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+    with staged_dir(target) as stage:
+        (stage / "weights").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["weights"]
+    assert (target / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_keep_existing_leaves_a_folder_another_process_finished_first(tmp_path):
+    target = tmp_path / "cache"
+    with staged_dir(target, keep_existing=True) as stage:
+        (stage / "a").write_text("mine")
+        target.mkdir()  # a concurrent run renamed its copy into place meanwhile
+        (target / "a").write_text("theirs")
+    assert (target / "a").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
