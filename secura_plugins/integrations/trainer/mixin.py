@@ -34,7 +34,7 @@ from ...errors import SecuraConfigError
 from ...model import is_adapted
 from .adapt import as_keep
 from .callback import find_secura_callback, secura_callback_in
-from .state import TrainerLink
+from .state import TrainerLink, loss_term_scale
 
 __all__ = ["ContinualTrainerMixin", "EWCTrainerMixin", "SecuraSFTTrainer"]
 
@@ -116,15 +116,6 @@ class ContinualTrainerMixin:
         #: logs the penalty; without one the mixin consolidates and logs itself.
         self.secura_callback = callback
 
-    def _penalty_scale(self, num_items_in_batch: Any) -> float:
-        # Trainer divides the loss by the accumulation steps only when the model does not
-        # normalise it itself (see Trainer.training_step); the penalty must count once.
-        steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
-        model_normalises = (
-            getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
-        ) or getattr(self, "compute_loss_func", None) is not None
-        return 1.0 / steps if model_normalises else 1.0
-
     def compute_loss(
         self,
         model: nn.Module,
@@ -140,7 +131,7 @@ class ContinualTrainerMixin:
         ewc = self.secura_ewc
         if ewc is not None and not ewc.is_empty and model.training:
             penalty = ewc.penalty(self.model)  # type: ignore[attr-defined]
-            loss = loss + penalty.to(loss.dtype) * self._penalty_scale(num_items_in_batch)
+            loss = loss + penalty.to(loss.dtype) * loss_term_scale(self, num_items_in_batch)
             self.secura_link.record_penalty(float(penalty.detach()))
         return (loss, outputs) if return_outputs else loss
 

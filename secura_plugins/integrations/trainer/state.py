@@ -26,7 +26,7 @@ import torch
 from accelerate import PartialState
 from transformers import Trainer
 
-__all__ = ["TrainerLink", "find_trainer", "wait_for_everyone"]
+__all__ = ["TrainerLink", "find_trainer", "loss_term_scale", "wait_for_everyone"]
 
 
 @dataclass
@@ -97,6 +97,21 @@ def find_trainer(max_depth: int = 16) -> Trainer | None:
     finally:
         del frame
     return None
+
+
+def loss_term_scale(trainer: Any, num_items_in_batch: Any) -> float:
+    """Factor for a term added to ``compute_loss``'s loss (EWC penalty, KL anchor) so that
+    it counts once per optimizer step under gradient accumulation.
+
+    ``Trainer.training_step`` divides the loss by the accumulation steps only when the
+    model does not normalise it itself (it gets ``num_items_in_batch``) and no
+    ``compute_loss_func`` is set; in those two cases the added term is divided here.
+    """
+    steps = getattr(trainer, "current_gradient_accumulation_steps", 1) or 1
+    model_normalises = (
+        getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+    ) or getattr(trainer, "compute_loss_func", None) is not None
+    return 1.0 / steps if model_normalises else 1.0
 
 
 def wait_for_everyone(trainer: Any = None) -> None:
