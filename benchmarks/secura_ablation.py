@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from secura_plugins import AdapterConfig, adapter_stats, apply_adapter, get_plugin_manager
-from secura_plugins.io import _atomic_write
+from secura_plugins._fs import atomic_write_json
 from secura_plugins.lab.real import RealSpec, real_base, render_pairs
 
 TASK = "facts-same"
@@ -143,7 +143,7 @@ def run_one(base: Any, variant: str, lr: float, seed: int, args: argparse.Namesp
 
 def save(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+    atomic_write_json(path, results, indent=1)
 
 
 def lora_at(results: dict, learned: float) -> tuple[float, float] | None:

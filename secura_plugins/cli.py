@@ -294,8 +294,8 @@ def _forgetting_models(
 
 
 def _forgetting(args: argparse.Namespace) -> int:
+    from ._fs import atomic_write_text
     from .forgetting import TOPICS, forgetting_report, format_report, load_prompts, plot_report
-    from .io import _atomic_write
 
     topics = TOPICS if args.topics is None else TOPICS[: args.topics]
     if args.topics is not None and not 1 <= args.topics <= len(TOPICS):
@@ -317,7 +317,7 @@ def _forgetting(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         text = json.dumps(report, indent=2)
-        _atomic_write(out / "forgetting.json", lambda tmp: tmp.write_text(text))
+        atomic_write_text(out / "forgetting.json", text)
         plot_report(report, out / "forgetting.png")
     if args.json:
         print(json.dumps(report, indent=2))

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from ._fs import atomic_path
+
 __all__ = [
     "TOPICS",
     "consistent",
@@ -414,8 +416,9 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
     fig.suptitle(report.get("model", "fine-tuned model"), fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".tmp.png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return path

@@ -48,6 +48,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from ._fs import atomic_path, atomic_write_json, staged_dir
 from ._version import __version__
 from .config import AdapterConfig
 from .errors import AdapterLoadError, ExportError, SecuraConfigError, SecuraError
@@ -67,31 +68,6 @@ FINGERPRINT_MIN_COSINE = 0.9
 
 
 # --------------------------------------------------------------------------- files
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` through ``write(tmp_path)`` + fsync + rename: all or nothing."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _prepare_dir(path: Path, field: str = "output_dir") -> Path:
     path = Path(path)
     try:
@@ -155,13 +131,8 @@ def save_adapter(
     target = Path(path)
     if _is_new_or_adapter_dir(target):
         _prepare_dir(target.parent)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with staged_dir(target) as stage:
             _write_adapter(model, config, adapter_name, stage, state_dict)
-            _replace_dir(stage, target)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
         return target
     _write_adapter(model, config, adapter_name, _prepare_dir(target), state_dict)
     return target
@@ -177,19 +148,6 @@ def _is_new_or_adapter_dir(path: Path) -> bool:
     if not path.is_dir():
         return False
     return {p.name for p in path.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME}
-
-
-def _replace_dir(stage: Path, target: Path) -> None:
-    """Rename the finished folder ``stage`` to ``target``; an old ``target`` is moved
-    aside first and deleted after (a crash in between leaves it as ``.NAME.old-*``)."""
-    try:
-        os.replace(stage, target)  # target absent or an empty folder
-    except OSError:
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(stage, target)
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(target.parent)
 
 
 def _write_adapter(
@@ -226,14 +184,16 @@ def _write_adapter(
             src = Path(scratch) / ("" if adapter_name == "default" else adapter_name)
             meta = json.loads((src / CONFIG_NAME).read_text())
             _check_finite(_load_tensor_file(src / WEIGHTS_NAME))
-            _atomic_write(folder / WEIGHTS_NAME, lambda p: shutil.copyfile(src / WEIGHTS_NAME, p))
+            with atomic_path(folder / WEIGHTS_NAME) as tmp:
+                shutil.copyfile(src / WEIGHTS_NAME, tmp)
     else:
         tensors = {
             k: v.detach().to("cpu").contiguous()
             for k, v in adapter_tensors(model, adapter_name, state_dict).items()
         }
         _check_finite(tensors)
-        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
+        with atomic_path(folder / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), {"format": "pt"})
         meta = {
             "peft_type": PEFT_TYPE,
             "base_model_name_or_path": block["base_model"]["name_or_path"],
@@ -241,7 +201,7 @@ def _write_adapter(
     block["tensors_sha256"] = _sha256(folder / WEIGHTS_NAME)
     meta["secura"] = block
     kill_point("adapter-weights")  # test-only crash point (see secura_plugins.faults)
-    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    atomic_write_json(folder / CONFIG_NAME, meta)
 
 
 def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
@@ -407,13 +367,5 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     if path.exists() and any(path.iterdir()):
         raise ExportError(f"{path} exists and is not empty; choose a new output folder")
     _prepare_dir(path.parent)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path) as scratch:
         yield scratch
-        if path.exists():
-            path.rmdir()
-        os.replace(scratch, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise

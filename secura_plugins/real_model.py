@@ -30,10 +30,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from ._fs import staged_dir
 from .errors import SecuraConfigError
 
 logger = logging.getLogger(__name__)
@@ -142,18 +141,9 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with staged_dir(folder, keep_existing=True) as tmp:  # a concurrent conversion may win
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if folder.exists():  # a concurrent conversion won the race
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -23,13 +23,14 @@ STEPS = 4
 
 def main(out: Path) -> None:
     import torch.distributed as dist
+    from accelerate.utils import extract_model_from_parallel
     from datasets import Dataset
     from safetensors.torch import save_file
     from trl_helpers import sft_config
 
     from secura_plugins import AdapterConfig
     from secura_plugins.continual import EWC, ReplayBuffer
-    from secura_plugins.integrations.trl import SecuraCallback, SecuraSFTTrainer, _unwrap
+    from secura_plugins.integrations.trl import SecuraCallback, SecuraSFTTrainer
     from secura_plugins.io import adapter_tensors
     from secura_plugins.recipe import builtin_rows
     from secura_plugins.tiny import build_tiny_model, build_tokenizer
@@ -65,7 +66,7 @@ def main(out: Path) -> None:
         rows = trainer.train_dataset.to_list()
         mixed_hashes.append(hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest())
         trainer.train()
-        model = _unwrap(trainer.model)
+        model = extract_model_from_parallel(trainer.model)
 
     rank = dist.get_rank()
     assert dist.get_world_size() == 2 and dist.get_backend() == "gloo"

@@ -562,3 +562,61 @@ def test_nan_in_an_adapter_buffer_halts_with_step_and_tensor(tmp_path, tok):
     # the loss of step 2 was finite: only the tensor check can have stopped it, and
     # nothing of step 2 reached disk
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+class NanLossAtStep(SFTTrainer):
+    """Adds a NaN constant to the loss of one step: the gradient (and so every adapter
+    tensor) stays finite, only the loss itself is not."""
+
+    nan_at = 2
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if model.training and self.state.global_step + 1 == self.nan_at:
+            loss = loss + float("nan")
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_a_nan_loss_halts_even_when_every_adapter_tensor_stays_finite(tmp_path, tok):
+    """The mixin hands each loss's finiteness to the callback (through callback.link)."""
+    from secura_plugins.errors import TrainingDivergedError
+    from secura_plugins.integrations.trl import ContinualTrainerMixin
+
+    class Trainer(ContinualTrainerMixin, NanLossAtStep):
+        pass
+
+    trainer = Trainer(
+        build_tiny_model("llama", vocab_size=len(tok), seed=3),
+        args=sft_config(tmp_path / "run", max_steps=4, max_grad_norm=0.0),
+        train_dataset=text_dataset(64),
+        processing_class=tok,
+        callbacks=[SecuraCallback(AdapterConfig(**SECURA))],
+    )
+    with pytest.raises(TrainingDivergedError, match=r"^step 2: .*\(the training loss is NaN"):
+        trainer.train()
+    assert all(torch.isfinite(t).all() for t in adapter_snapshot(trainer.model).values())
+
+
+def test_the_mixin_alone_adds_logs_and_consolidates_the_ewc_penalty(tmp_path, tok):
+    model = apply_adapter(
+        build_tiny_model("llama", vocab_size=len(tok), seed=3),
+        AdapterConfig(**{**SECURA, "merge": "none"}),
+    )
+    ewc = EWC(lam=50.0)
+    ewc.consolidate(
+        model, fisher={n: torch.ones_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    )
+    trainer = SecuraSFTTrainer(  # no SecuraCallback: the mixin does it all
+        model,
+        args=sft_config(tmp_path / "run", max_steps=3),
+        train_dataset=text_dataset(32),
+        processing_class=tok,
+        ewc=ewc,
+        fisher_batches=2,
+    )
+    trainer.train()
+    penalties = logged(trainer, "ewc/penalty")
+    assert len(penalties) == 3 and penalties[-1] > 0, penalties
+    assert ewc.num_tasks == 2  # the task was folded in after train()

@@ -62,7 +62,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "trl-resume-ignored",
-        "secura_plugins/integrations/trl.py",
+        "secura_plugins/integrations/trainer/callback.py",
         "return original_train(self._resume_dir, *args, **kwargs)",
         "return original_train(None, *args, **kwargs)",
         ("tests/test_trl.py::test_resume_gives_same_final_adapter",),
@@ -70,7 +70,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "callback-state-not-loaded",
-        "secura_plugins/integrations/trl.py",
+        "secura_plugins/integrations/trainer/callback.py",
         "    def _load_state(self, folder: Path) -> None:\n",
         "    def _load_state(self, folder: Path) -> None:\n        return\n",
         (

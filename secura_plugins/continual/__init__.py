@@ -4,6 +4,8 @@ Nothing here depends on the adapter core or on a trainer: ``EWC`` protects whate
 parameters are trainable, ``ReplayBuffer`` mixes plain rows into a ``datasets.Dataset``,
 ``metrics`` scores an accuracy matrix and ``RetentionProbe`` measures what a model still
 knows. ``secura_plugins.integrations.trl`` wires them into TRL's ``SFTTrainer``.
+The one exception, :mod:`.consolidate` (end of a task: Fisher, SECURA's last merge,
+re-anchoring), is imported on its own and not from here.
 """
 
 from secura_plugins.continual.ewc import EWC, default_loss_fn, trainable_parameters

@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._fs import atomic_path
+
 __all__ = ["EWC", "default_loss_fn", "trainable_parameters"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -67,18 +69,6 @@ def default_loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     return model(**inputs).loss
-
-
-def penalty_scale(trainer: Any, num_items_in_batch: Any) -> float:
-    """Factor that makes a loss term added in ``trainer.compute_loss`` (the EWC penalty,
-    keep's KL term) count once per optimizer step: ``Trainer`` divides the loss by the
-    accumulation steps only when the model does not normalise it itself (see
-    ``Trainer.training_step``)."""
-    steps = getattr(trainer, "current_gradient_accumulation_steps", 1) or 1
-    model_normalises = (
-        getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
-    ) or getattr(trainer, "compute_loss_func", None) is not None
-    return 1.0 / steps if model_normalises else 1.0
 
 
 def _average_over_ranks(tensors: dict[str, torch.Tensor]) -> None:
@@ -312,7 +302,7 @@ class EWC:
             raise ValueError("state: fisher and anchors name different parameters")
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the state as one safetensors file (atomic: temp file + rename)."""
+        """Write the state as one safetensors file (atomic, see :mod:`secura_plugins._fs`)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -327,9 +317,8 @@ class EWC:
             "gamma": repr(self.gamma),
             "num_tasks": str(self.num_tasks),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod

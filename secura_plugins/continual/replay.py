@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .._fs import atomic_open
+
 __all__ = ["ReplayBuffer", "replay_count"]
 
 _HEADER_KEY = "__secura_replay__"
@@ -174,21 +176,19 @@ class ReplayBuffer:
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON lines: a header line (settings, generator state), then one row per line.
 
-        Atomic (temp file + rename). Rows must be JSON-serialisable.
+        Atomic (see :mod:`secura_plugins._fs`). Rows must be JSON-serialisable.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         items = state.pop("items")
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_open(path) as fh:
             fh.write(json.dumps({_HEADER_KEY: 1, **state}) + "\n")
             for i, item in enumerate(items):
                 try:
                     fh.write(json.dumps(item, ensure_ascii=False) + "\n")
                 except TypeError as exc:
                     raise ValueError(f"row {i}: is not JSON-serialisable ({exc})") from exc
-        os.replace(tmp, path)
         return path
 
     @classmethod

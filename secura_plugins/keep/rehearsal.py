@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._fs import atomic_open
 from .config import KeepConfig
 
 __all__ = [
@@ -268,12 +269,10 @@ def save_rehearsal(
     """Write ``rows`` as JSON lines after a header with ``settings`` (atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_open(path) as fh:
         fh.write(json.dumps({_HEADER: 1, "settings": settings}) + "\n")
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 

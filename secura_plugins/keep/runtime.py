@@ -258,7 +258,7 @@ class Keep:
         """Add the KL term to ``trainer.compute_loss`` (once)."""
         if not self.config.anchors or getattr(trainer, "_secura_keep_wrapped", False):
             return
-        from ..continual.ewc import penalty_scale
+        from ..integrations.trainer.state import loss_term_scale
 
         original = trainer.compute_loss
         keep = self
@@ -280,7 +280,7 @@ class Keep:
                     "turn those off or set kl_lambda: 0")
             kl = keep.kl_term(model, ids, mask, labels, logits)
             if kl is not None:
-                scale = penalty_scale(trainer, num_items_in_batch)
+                scale = loss_term_scale(trainer, num_items_in_batch)
                 loss = loss + keep.config.kl_lambda * kl.to(loss.dtype) * scale
             return (loss, outputs) if return_outputs else loss
 

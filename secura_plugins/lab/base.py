@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .._fs import staged_dir
 from ..real_model import default_cache_dir
 from .data import copy_pairs, knowledge_pairs
 
@@ -178,17 +179,10 @@ def pretrain_base(
             spec.recall_target,
             step,
         )
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
     meta = {"recall": recall, "steps": step, "spec": dataclasses.asdict(spec), "pairs": len(pairs)}
-    (tmp / "lab_base.json").write_text(json.dumps(meta, indent=2))
-    if folder.exists():  # a concurrent run finished first: keep its copy
-        import shutil
-
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, folder)
+    with staged_dir(folder, keep_existing=True) as tmp:  # a concurrent run may finish first
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "lab_base.json").write_text(json.dumps(meta, indent=2))
     logger.info("lab base pretrained in %d steps, recall %.3f -> %s", step, recall, folder)
     return BaseModel(folder, recall, step, False, spec)

@@ -32,11 +32,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._fs import atomic_write_json, atomic_write_text
 from ..errors import SecuraConfigError
 from .base import BaseSpec, pretrain_base
 from .data import TASK_ORDER, task_sequence
@@ -192,9 +192,7 @@ class LabConfig:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def _pick_lrs(sweep: list[dict[str, Any]], match: float) -> dict[str, float]:
@@ -320,7 +318,7 @@ def render(
     summary = summarize(results["runs"], methods)
     results["summary"] = summary
     _write_json(out / "results.json", results)
-    (out / "table.md").write_text(format_table(summary) + "\n")
+    atomic_write_text(out / "table.md", format_table(summary) + "\n")
     if summary:
         plot_retention(summary, tasks, out / "retention.png")
     plot_frontier(summary, results["sweep"], out / "frontier.png")

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .._fs import atomic_write_json
 from .real_data import PROBE_CANDIDATES, REAL_TASKS, task_examples
 
 logger = logging.getLogger(__name__)
@@ -369,9 +370,7 @@ def real_base(
         "base_nll": base_nll,
         "probe": probe,
     }
-    tmp = meta_path.with_name(meta_path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    atomic_write_json(meta_path, meta, indent=1)
     return RealBase(spec, folder, probe, counts, base_nll, cache)
 
 

@@ -22,13 +22,14 @@ version (4 facts, 4 steps) and ``secura demo --tiny`` the older tiny-base lab de
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._fs import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def run_real_demo(out: str | Path, *, quick: bool = False, seed: int = 0,
                 "train_log": logs,
             }
             del model
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "table.md").write_text(_table(result))
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "table.md", _table(result))
     _plot(result, out / "demo.png")
     return result

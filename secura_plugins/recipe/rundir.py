@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._fs import atomic_write_json
 from ..errors import SecuraConfigError
 
 if TYPE_CHECKING:
@@ -28,9 +29,7 @@ __all__ = ["RUN_RECORD", "recipe_identity"]
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 #: Written into output_dir when a run starts: which recipe this folder's progress is of.
@@ -123,7 +122,7 @@ def _writable_output_dir(path: Path) -> Path:
 def _clean_task_dir(task_dir: Path, complete: str | None) -> None:
     """Delete checkpoint folders after ``complete`` (half-written ones, or ones the
     resumed run writes again) and scratch folders left by a killed save."""
-    from ..integrations.trl import checkpoint_folders
+    from ..integrations.trainer.checkpoint import checkpoint_folders
 
     keep = int(complete.rsplit("-", 1)[1]) if complete else -1
     stale = [path for step, path in checkpoint_folders(task_dir) if step > keep]

@@ -21,10 +21,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..._fs import atomic_write_text
+from ..trainer.checkpoint import EWC_STATE_NAME, REPLAY_STATE_NAME
 from .args import ReplaySettings, SecuraSettings
 
-EWC_STATE_NAME = "secura_ewc.safetensors"
-REPLAY_STATE_NAME = "secura_replay.jsonl"
 REPLAY_MIX_NAME = "secura_replay_mix.jsonl"
 #: Keys of an axolotl dataset entry that say where rows come from (not how to format them).
 _SOURCE_KEYS = (
@@ -108,7 +108,7 @@ def prepare_replay_mix(cfg: Any, settings: ReplaySettings) -> Path | None:
     rows = buffer.sample(n, seed=settings.seed)
     out = Path(cfg["output_dir"]) / REPLAY_MIX_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     template = {k: v for k, v in dict(datasets[0]).items() if k not in _SOURCE_KEYS}
     entry = {**template, "path": str(out), "ds_type": "json"}
     datasets.append(type(datasets[0])(entry) if isinstance(datasets[0], dict) else entry)
