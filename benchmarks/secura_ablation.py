@@ -9,20 +9,22 @@ the new facts learned, of the known probe items kept, and the general-text NLL r
 
 A variant is ``lora``, ``secura`` (the library default) or ``secura`` with overrides joined
 by ``+``, e.g. ``secura+smagnorm=continuous+a_scale=0.1``. Results are appended (atomic
-rewrite) to ``--out`` after every run; runs already there are skipped, so a killed grid
+rewrite) to ``--out`` after every run, each with a fingerprint of the task data and the
+code commit; runs already there are skipped, so a killed grid
 resumes where it stopped.
 
 Usage (one torch thread; about 3-5 minutes a run on a shared core)::
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/secura_ablation.py \\
         --variants lora,secura,secura+smagnorm=off --lrs 1e-3,3e-3 --seeds 0 \\
-        --out docs/lab/secura-ablation/results.json
-    python benchmarks/secura_ablation.py --table docs/lab/secura-ablation/results.json
+        --out docs/lab/secura-ablation/results-v2.json
+    python benchmarks/secura_ablation.py --table docs/lab/secura-ablation/results-v2.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import subprocess
@@ -118,7 +120,9 @@ def train(model: Any, data: list, *, lr: float, steps: int, batch: int, seed: in
     }
 
 
-def run_one(base: Any, variant: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
+def run_one(
+    base: Any, variant: str, lr: float, seed: int, args: argparse.Namespace, data_fp: str
+) -> dict:
     torch.manual_seed(seed)
     model, tok = base.load()
     fields = variant_config(variant, seed)
@@ -128,6 +132,8 @@ def run_one(base: Any, variant: str, lr: float, seed: int, args: argparse.Namesp
     scores = base.measure(model, tok, tasks=[TASK])
     return {
         "variant": variant,
+        "data_fingerprint": data_fp,
+        "code_commit": git_commit(),
         "config": fields,
         "lr": lr,
         "seed": seed,
@@ -141,17 +147,55 @@ def run_one(base: Any, variant: str, lr: float, seed: int, args: argparse.Namesp
     }
 
 
+def fingerprint(base: Any, tok: Any) -> str:
+    """Hash of what a run is measured on: the taught pairs, the probe, the base NLL, the spec.
+
+    Runs with different fingerprints (e.g. before and after the lab changed its data) are
+    never pooled into one table row or one LoRA reference.
+    """
+    blob = json.dumps(
+        {
+            "task": TASK,
+            "pairs": render_pairs(base.train_rows(TASK), tok),
+            "probe": base.probe,
+            "base_nll": round(base.base_nll, 4),
+            "spec": base.spec.__dict__,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def git_commit() -> str:
+    """``HEAD`` of the checkout running the script, ``+dirty`` when its code has changes."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [
+            "git",
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "secura_plugins",
+            "benchmarks",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def save(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, results, indent=1)
 
 
-def lora_at(results: dict, learned: float) -> tuple[float, float] | None:
+def lora_at(runs: list[dict], learned: float) -> tuple[float, float] | None:
     """LoRA's (kept, NLL rise) at ``learned``, linear between its seed-mean points sorted by
     learning, anchored at the untouched base (lr 0: nothing learned, all kept, no rise);
-    None above the learning LoRA reached."""
+    None above the learning LoRA reached. ``runs`` share one data fingerprint."""
     by_lr: dict[float, list[dict]] = {}
-    for run in results["runs"]:
+    for run in runs:
         if run["variant"] == "lora":
             by_lr.setdefault(run["lr"], []).append(run)
     points = sorted(
@@ -169,10 +213,23 @@ def lora_at(results: dict, learned: float) -> tuple[float, float] | None:
 
 
 def table(results: dict) -> str:
-    """Markdown: one row per (variant, lr), mean and spread over seeds, and LoRA at the
-    same learning (interpolated between LoRA's learning rates)."""
-    groups: dict[tuple[str, float], list[dict]] = {}
+    """Markdown: one table per data fingerprint (runs measured on different task data are
+    never mixed), one row per (variant, lr) with mean and spread over seeds, and LoRA at the
+    same learning (interpolated between LoRA's learning rates on the same data)."""
+    by_fp: dict[str, list[dict]] = {}
     for run in results["runs"]:
+        by_fp.setdefault(run.get("data_fingerprint", "unrecorded"), []).append(run)
+    if len(by_fp) == 1:
+        return _table(next(iter(by_fp.values())))
+    return "\n\n".join(
+        f"Data fingerprint `{fp}` ({len(runs)} runs):\n\n{_table(runs)}"
+        for fp, runs in by_fp.items()
+    )
+
+
+def _table(all_runs: list[dict]) -> str:
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for run in all_runs:
         groups.setdefault((run["variant"], run["lr"]), []).append(run)
 
     def cell(runs: list[dict], key: str, pct: bool) -> str:
@@ -192,7 +249,7 @@ def table(results: dict) -> str:
     first = {v: i for i, v in reversed(list(enumerate(v for v, _ in groups)))}
     for (variant, lr), runs in sorted(groups.items(), key=lambda g: (first[g[0][0]], g[0][1])):
         sps = sum(r["seconds_per_step"] for r in runs) / len(runs)
-        ref = lora_at(results, sum(r["learned"] for r in runs) / len(runs))
+        ref = lora_at(all_runs, sum(r["learned"] for r in runs) / len(runs))
         same = "n/a" if ref is None or variant == "lora" else f"{ref[0]:.0%}, {ref[1]:+.3f}"
         lines.append(
             f"| {variant} | {lr:g} | {len(runs)} | {cell(runs, 'learned', True)} | "
@@ -209,7 +266,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--facts", type=int, help="facts taught (default: the lab's n_facts)")
-    parser.add_argument("--out", default="docs/lab/secura-ablation/results.json")
+    parser.add_argument("--out", default="docs/lab/secura-ablation/results-v2.json")
     parser.add_argument("--table", metavar="RESULTS", help="print the table of a results file")
     args = parser.parse_args()
     if args.table:
@@ -225,19 +282,26 @@ def main() -> None:
         "r": R,
         "base": "SmolLM2-135M-Instruct fp32",
         "torch_threads": 1,
-        "code_commit": subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip(),
+        "code_commit": git_commit(),
     }
     base = real_base(spec)
+    data_fp = fingerprint(base, base.load()[1])
+    old = {r.get("data_fingerprint", "unrecorded") for r in results["runs"]} - {data_fp}
+    if old:
+        raise SystemExit(
+            f"--out: {out} holds runs on other task data (fingerprints {sorted(old)}, "
+            f"this data: {data_fp}); write to a new file so rows are never mixed"
+        )
+    results["setup"]["data_fingerprint"] = data_fp
     results["setup"]["probe_items"] = {f: len(p) for f, p in base.probe.items()}
     done = {(r["variant"], r["lr"], r["seed"], r["steps"], r["batch"]) for r in results["runs"]}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for variant in args.variants.split(","):
-            for lr in [float(x) for x in args.lrs.split(",")]:
+    # both seeds of a (variant, lr) row before the next row: a cut-off grid leaves whole rows
+    for variant in args.variants.split(","):
+        for lr in [float(x) for x in args.lrs.split(",")]:
+            for seed in [int(s) for s in args.seeds.split(",")]:
                 if (variant, lr, seed, args.steps, args.batch) in done:
                     continue
-                run = run_one(base, variant, lr, seed, args)
+                run = run_one(base, variant, lr, seed, args, data_fp)
                 results["runs"].append(run)
                 save(out, results)
                 print(
