@@ -27,6 +27,7 @@ from ..errors import SecuraConfigError, did_you_mean
 
 KL_MODES = ("in_step", "cached")
 FORMATS = ("auto", "plain", "chat")
+REHEARSAL_LOSSES = ("ce", "kl")
 
 #: Named settings. ``keep`` is the library's recommendation: on the real-model lab
 #: (BENCHMARKS.md, "Keep what the base knew") rehearsal plus the KL anchor kept 84% of the
@@ -62,6 +63,13 @@ class KeepConfig:
             ``cached`` (the base's top-``kl_topk`` log-probabilities of every rehearsal
             row, computed once after generation; task rows still use ``in_step``).
         kl_topk: tokens kept per position by the cache.
+        rehearsal_loss: what the rehearsal rows train: ``ce`` (cross-entropy on the base's
+            greedy answers, plus the KL anchor when on) or ``kl`` (the KL anchor only; the
+            rows' labels are masked out of the task loss; needs ``kl_lambda > 0``).
+        max_row_tokens: longest rehearsal row (prompt + answer, in tokens): ``"task"``
+            (the longest row of the task's training set, so mixed batches are not padded
+            to long rehearsal rows), a positive integer, or 0 (no bound beyond
+            ``max_new_tokens``).
         max_new_tokens: longest answer the base writes.
         max_seconds: time bound of the generation (rows written so far are kept).
         temperature, top_p: sampling of new prompts (answers are greedy).
@@ -78,6 +86,8 @@ class KeepConfig:
     kl_on_task: bool = False
     kl_mode: str = "in_step"
     kl_topk: int = 64
+    rehearsal_loss: str = "ce"
+    max_row_tokens: int | str = "task"
     max_new_tokens: int = 16
     max_seconds: float = 600.0
     temperature: float = 0.7
@@ -109,6 +119,18 @@ class KeepConfig:
             raise bad("top_p", f"must lie in (0, 1], got {self.top_p}")
         if self.kl_mode not in KL_MODES:
             raise bad("kl_mode", f"must be one of {KL_MODES}, got {self.kl_mode!r}")
+        if self.rehearsal_loss not in REHEARSAL_LOSSES:
+            raise bad("rehearsal_loss",
+                      f"must be one of {REHEARSAL_LOSSES}, got {self.rehearsal_loss!r}")
+        if self.rehearsal_loss == "kl" and not self.kl_lambda > 0:
+            raise bad("rehearsal_loss", "'kl' trains the rehearsal rows through the KL anchor "
+                      "only; set kl_lambda > 0, or rehearsal_loss: ce")
+        rows = self.max_row_tokens
+        if rows != "task" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
+            raise bad("max_row_tokens", f"must be 'task', 0 (no bound) or a positive integer, "
+                      f"got {rows!r}")
+        if isinstance(rows, int) and 0 < rows < 4:
+            raise bad("max_row_tokens", f"must be >= 4 (a prompt and an answer), got {rows}")
         if self.format not in FORMATS:
             raise bad("format", f"must be one of {FORMATS}, got {self.format!r}")
         if self.rehearsal == 0 and self.kl_lambda > 0 and not self.kl_on_task:
