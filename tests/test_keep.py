@@ -289,3 +289,18 @@ def test_kl_only_rehearsal_takes_no_cross_entropy_on_rehearsal_rows(tmp_path, lo
         assert value == pytest.approx(kl, rel=1e-5)  # the anchor alone
     else:
         assert value > kl * 1.01  # cross-entropy on the base's answers too
+
+
+@pytest.mark.parametrize("where", ["answer", "all"])
+def test_kl_positions_all_anchors_the_rehearsal_prompt_too(where):
+    from secura_plugins.keep.kl import row_key
+
+    tok = build_tokenizer()
+    model = _adapted("lora", tok).train()
+    ids = torch.randint(3, len(tok), (2, 9))
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, -100)  # no trained answer token at all
+    keep = Keep(KeepConfig(rehearsal=2, kl_positions=where), rows=[], progress=False)
+    keep.keys = {row_key(ids[i], mask[i]) for i in range(2)}
+    kl = keep.kl_term(model, ids, mask, labels, model(ids).logits)
+    assert float(kl) > 0 if where == "all" else float(kl) == 0.0

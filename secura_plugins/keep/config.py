@@ -28,6 +28,7 @@ from ..errors import SecuraConfigError, did_you_mean
 KL_MODES = ("in_step", "cached")
 FORMATS = ("auto", "plain", "chat")
 REHEARSAL_LOSSES = ("ce", "kl")
+KL_POSITIONS = ("answer", "all")
 
 #: Named settings. ``keep`` is the library's recommendation: on the real-model lab
 #: (BENCHMARKS.md, "Keep what the base knew") rehearsal plus the KL anchor kept 84% of the
@@ -63,6 +64,10 @@ class KeepConfig:
             ``cached`` (the base's top-``kl_topk`` log-probabilities of every rehearsal
             row, computed once after generation; task rows still use ``in_step``).
         kl_topk: tokens kept per position by the cache.
+        kl_positions: where the anchor applies on rehearsal rows: ``answer`` (the trained
+            answer tokens) or ``all`` (every next-token position of the row, prompt
+            included: the teacher forward covers the row anyway). Task rows
+            (``kl_on_task``) always use their trained tokens.
         rehearsal_loss: what the rehearsal rows train: ``ce`` (cross-entropy on the base's
             greedy answers, plus the KL anchor when on) or ``kl`` (the KL anchor only; the
             rows' labels are masked out of the task loss; needs ``kl_lambda > 0``).
@@ -86,6 +91,7 @@ class KeepConfig:
     kl_on_task: bool = False
     kl_mode: str = "in_step"
     kl_topk: int = 64
+    kl_positions: str = "answer"
     rehearsal_loss: str = "ce"
     max_row_tokens: int | str = "task"
     max_new_tokens: int = 16
@@ -119,6 +125,8 @@ class KeepConfig:
             raise bad("top_p", f"must lie in (0, 1], got {self.top_p}")
         if self.kl_mode not in KL_MODES:
             raise bad("kl_mode", f"must be one of {KL_MODES}, got {self.kl_mode!r}")
+        if self.kl_positions not in KL_POSITIONS:
+            raise bad("kl_positions", f"must be one of {KL_POSITIONS}, got {self.kl_positions!r}")
         if self.rehearsal_loss not in REHEARSAL_LOSSES:
             raise bad("rehearsal_loss",
                       f"must be one of {REHEARSAL_LOSSES}, got {self.rehearsal_loss!r}")

@@ -353,14 +353,17 @@ class Keep:
         """Mean ``KL(p_base || p_model)`` over the anchored rows of a batch, or None."""
         if mask is None:
             mask = torch.ones_like(ids)
-        pick = [self.config.kl_on_task or row_key(ids[i], mask[i]) in self.keys
-                for i in range(ids.shape[0])]
+        rehearsal = [row_key(ids[i], mask[i]) in self.keys for i in range(ids.shape[0])]
+        pick = [self.config.kl_on_task or r for r in rehearsal]
         sel = torch.tensor(pick, device=ids.device)
         if not bool(sel.any()):
             return None
         ids, mask, logits = ids[sel], mask[sel], logits[sel]
         labels = None if labels is None else labels[sel]
         positions = trained_positions(labels, mask)
+        if self.config.kl_positions == "all":  # the whole rehearsal row, prompt included
+            whole = torch.tensor([r for r, p in zip(rehearsal, pick) if p], device=ids.device)
+            positions[whole] = trained_positions(None, mask)[whole]
         hit = self.cache.lookup(ids, mask) if self.cache is not None else None
         if hit is not None:
             kl = kl_topk(logits, hit[0], hit[1], positions)
