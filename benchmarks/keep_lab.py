@@ -36,15 +36,15 @@ import torch
 from speed import _status_kib  # benchmarks/ is sys.path[0] when run as a script
 
 #: name -> (adapter method, KeepConfig fields or None). Rehearsal rows = task rows at
-#: ratio 0.5, so every rehearsal row is used once per epoch. Configs without
-#: ``max_row_tokens: 0`` use rows bounded by the task's longest row.
+#: ratio 0.5, so every rehearsal row is used once per epoch. ``-short``: rows bounded by
+#: the task's longest row (``max_row_tokens: task``).
 _FREE = {"max_row_tokens": 0}
 CONFIGS: dict[str, tuple[str, dict | None]] = {
     "lora": ("lora", None),
     "rehearsal": ("lora", {"ratio": 0.5, "kl_lambda": 0.0, **_FREE}),
     "kl-task": ("lora", {"rehearsal": 0, "ratio": 0.0, "kl_lambda": 0.1, "kl_on_task": True}),
     "both": ("lora", {"ratio": 0.5, "kl_lambda": 1.0, **_FREE}),
-    "both-short": ("lora", {"ratio": 0.5, "kl_lambda": 1.0}),
+    "both-short": ("lora", {"ratio": 0.5, "kl_lambda": 1.0, "max_row_tokens": "task"}),
     "both-cached": ("lora", {"ratio": 0.5, "kl_lambda": 1.0, "kl_mode": "cached", **_FREE}),
     "secura": ("secura", None),
     "secura-both": ("secura", {"ratio": 0.5, "kl_lambda": 1.0}),
@@ -55,7 +55,7 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
 def rows_path(folder: str, task: str, seed: int, fields: dict, n_task: int) -> Path:
     """Cache file of the base's rehearsal rows for these settings."""
     name = f"rehearsal-{task}-seed{seed}"
-    if fields.get("max_row_tokens", "task") != 0:
+    if fields.get("max_row_tokens", 0) != 0:
         name += "-short"
     if fields["rehearsal"] != n_task:
         name += f"-n{fields['rehearsal']}"
