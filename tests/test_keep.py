@@ -192,6 +192,12 @@ def test_bad_keep_settings_name_the_field():
         KeepConfig(ratio=1.0)
     with pytest.raises(SecuraConfigError, match="keep.preset"):
         KeepConfig.coerce("kepp")
+    for bad, field in (({"max_row_tokens": "short"}, "max_row_tokens"),
+                       ({"max_row_tokens": 2}, "max_row_tokens"),
+                       ({"rehearsal_loss": "kl", "kl_lambda": 0.0}, "rehearsal_loss"),
+                       ({"kl_positions": "prompt"}, "kl_positions")):
+        with pytest.raises(SecuraConfigError, match=f"keep.{field}"):
+            KeepConfig(**bad)
 
 
 def test_recipe_keep_block_runs_rehearsal_and_kl_per_task(tmp_path):
