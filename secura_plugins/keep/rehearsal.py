@@ -14,10 +14,10 @@ base, on a 4-bit base too, with no second copy) writes prompts and answers them:
 Each prompt is answered **greedily** by the same model (the answer is what the base
 would have said). Prompts are deduplicated (case and spacing ignored) and any prompt of
 the task itself or of the ``exclude`` set (pass every evaluation probe's prompts) is
-dropped. Rows are bounded in tokens (``max_row_tokens``: by default as long as the task's
+dropped. Rows can be bounded in tokens (``max_row_tokens: task``: as long as the task's
 longest row, so a batch mixing both is not padded to long rehearsal rows; a greedy answer
-cut short is still the base's own text). The work is bounded in rows, attempts and
-seconds, with a progress bar.
+cut short is still the base's own text; cheaper, but it kept less on the lab). The work is
+bounded in rows, attempts and seconds, with a progress bar.
 
 Example (tiny random model, so the text is noise; runs in a second):
     >>> from secura_plugins.keep.rehearsal import generate_rehearsal
