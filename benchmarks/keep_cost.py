@@ -12,7 +12,10 @@ rows of the "new facts" shape. Every configuration runs alone in a fresh process
   ``max_memory_allocated`` and ``memory_allocated`` instead.
 
 The rehearsal rows are generated once by the base (timed: ``generation s``) and given to
-every configuration, so the step numbers compare only the training-time cost.
+every configuration, so the step numbers compare only the training-time cost. Two sets are
+written: ``short`` rows bounded by the task's longest row (``max_row_tokens: task``, the
+default) and ``free`` rows (``max_row_tokens: 0``, the generator before the bound), so
+one run shows the cost before and after the bound side by side.
 
 Usage::
 
@@ -36,10 +39,14 @@ from pathlib import Path
 import torch
 from speed import _status_kib  # benchmarks/ is sys.path[0] when run as a script
 
+#: name -> KeepConfig fields (None: plain LoRA); ``-free`` runs use the unbounded rows.
 CONFIGS: dict[str, dict | None] = {
     "lora": None,
+    "rehearsal-free": {"ratio": 0.5, "kl_lambda": 0.0},
+    "kl-in-step-free": {"ratio": 0.5, "kl_lambda": 1.0, "kl_mode": "in_step"},
     "rehearsal": {"ratio": 0.5, "kl_lambda": 0.0},
     "kl-in-step": {"ratio": 0.5, "kl_lambda": 1.0, "kl_mode": "in_step"},
+    "kl-only": {"ratio": 0.5, "kl_lambda": 1.0, "rehearsal_loss": "kl"},
     "kl-in-step-on-task": {"ratio": 0.5, "kl_lambda": 1.0, "kl_on_task": True},
     "kl-cached": {"ratio": 0.5, "kl_lambda": 1.0, "kl_mode": "cached"},
 }
@@ -77,6 +84,8 @@ def child(name: str, rows_path: Path, steps: int, device: str) -> dict:
     settings = CONFIGS[name]
     keep = None
     if settings is not None:
+        if name.endswith("-free"):
+            rows_path = rows_path.with_name(rows_path.name.replace("short", "free"))
         rows = json.loads(rows_path.read_text())
         keep = Keep(KeepConfig(rehearsal=len(rows), **settings), rows=rows, progress=False)
     cuda = device.startswith("cuda")
@@ -121,10 +130,12 @@ def child(name: str, rows_path: Path, steps: int, device: str) -> dict:
     }
 
 
-def generate_rows(path: Path, n: int) -> float:
+def generate_rows(path: Path, n: int, bound: int | str) -> float:
+    """The base writes ``n`` rehearsal rows with ``max_row_tokens=bound`` into ``path``."""
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from secura_plugins.keep import KeepConfig, generate_rehearsal
+    from secura_plugins.keep import Keep, KeepConfig
     from secura_plugins.real_model import smollm2_checkpoint
 
     torch.set_num_threads(1)
@@ -132,12 +143,33 @@ def generate_rows(path: Path, n: int) -> float:
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     start = time.perf_counter()
-    rows = generate_rehearsal(
-        model, tok, [r["prompt"] for r in task_rows()], KeepConfig(rehearsal=n), progress=True
-    )
+    keep = Keep(KeepConfig(rehearsal=n, max_row_tokens=bound), progress=True)
+    rows = keep.ensure_rows(model, tok, Dataset.from_list(task_rows()))
     seconds = time.perf_counter() - start
     path.write_text(json.dumps([{k: r[k] for k in ("prompt", "completion")} for r in rows]))
     return seconds
+
+
+def _row_tokens(folder: Path) -> dict[str, float]:
+    """Mean tokens (prompt + answer) of the task rows and of each rehearsal row set."""
+    from transformers import AutoTokenizer
+
+    from secura_plugins.real_model import smollm2_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+
+    def mean(rows: list[dict]) -> float:
+        return statistics.mean(
+            len(tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"])
+            for r in rows
+        )
+
+    sizes = {"task": mean(task_rows())}
+    for kind in ("short", "free"):
+        path = folder / f"rehearsal_rows_{kind}.json"
+        if path.is_file():
+            sizes[kind] = mean(json.loads(path.read_text()))
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows_file = out.parent / "rehearsal_rows.json"
-    gen_s = generate_rows(rows_file, args.rows)
+    rows_file = out.parent / "rehearsal_rows_short.json"
+    gen_s = {"short": generate_rows(rows_file, args.rows, "task")}
+    if any(name.endswith("-free") for name in args.only):
+        free = rows_file.with_name("rehearsal_rows_free.json")
+        gen_s["free"] = generate_rows(free, args.rows, 0)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(
@@ -182,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, device {args.device}",
         "generation_s": gen_s, "rehearsal_rows": len(json.loads(rows_file.read_text())),
+        "row_tokens": _row_tokens(out.parent),
         "results": results,
     }
     out.write_text(json.dumps(report, indent=2))

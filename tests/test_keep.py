@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from trl_helpers import sft_config, text_dataset
+from trl_helpers import reverse_dataset, sft_config, text_dataset
 
 from secura_plugins import AdapterConfig, apply_adapter, load_adapter, save_adapter
 from secura_plugins.keep import REHEARSAL_FILE, Keep, KeepConfig, generate_rehearsal
@@ -80,7 +80,7 @@ def test_rehearsal_answers_come_from_the_base_not_the_adapter():
     assert rows == _rows(base, tok)[0]
 
 
-def _trainer(tmp_path, keep, method="lora", **cfg):
+def _trainer(tmp_path, keep, method="lora", data=None, **cfg):
     from trl import SFTTrainer
 
     from secura_plugins.integrations.trl import SecuraCallback
@@ -91,11 +91,15 @@ def _trainer(tmp_path, keep, method="lora", **cfg):
     cb = SecuraCallback(AdapterConfig(method=method, r=4), keep=keep)
     args = sft_config(tmp_path, learning_rate=1e-2, loss_type="nll", **cfg)
     return SFTTrainer(
-        model, args=args, train_dataset=text_dataset(32), processing_class=tok, callbacks=[cb]
+        model, args=args, train_dataset=data or text_dataset(32), processing_class=tok,
+        callbacks=[cb],
     ), cb
 
 
 def _keep(**kw):
+    # The tiny tokenizer spells characters: rows as short as "3+4=7" leave no room for a
+    # generic prompt, so these tests lift the row bound unless they test it.
+    kw = {"max_row_tokens": 0, **kw}
     return Keep(KeepConfig(rehearsal=8, ratio=0.3, max_new_tokens=6, **kw), progress=False)
 
 
@@ -187,6 +191,12 @@ def test_bad_keep_settings_name_the_field():
         KeepConfig(ratio=1.0)
     with pytest.raises(SecuraConfigError, match="keep.preset"):
         KeepConfig.coerce("kepp")
+    for bad, field in (({"max_row_tokens": "short"}, "max_row_tokens"),
+                       ({"max_row_tokens": 2}, "max_row_tokens"),
+                       ({"rehearsal_loss": "kl", "kl_lambda": 0.0}, "rehearsal_loss"),
+                       ({"kl_positions": "prompt"}, "kl_positions")):
+        with pytest.raises(SecuraConfigError, match=f"keep.{field}"):
+            KeepConfig(**bad)
 
 
 def test_recipe_keep_block_runs_rehearsal_and_kl_per_task(tmp_path):
@@ -235,3 +245,67 @@ def test_adapter_disabled_is_the_base_on_a_4bit_base(tmp_path, method):
     assert not torch.allclose(model(ids).logits, base_logits, atol=1e-4)
     with adapter_disabled(model):
         assert torch.equal(model(ids).logits, base_logits)
+
+
+def _row_tokens(tok, row) -> int:
+    return sum(len(tok(row[k], add_special_tokens=False)["input_ids"])
+               for k in ("prompt", "completion"))
+
+
+def test_rehearsal_rows_fit_the_row_bound():
+    tok = build_tokenizer()
+    model = _adapted("lora", tok)
+    prompts = [f"{a}+{b}=" for a in range(6) for b in range(6)]
+
+    def rows(bound):
+        cfg = KeepConfig(rehearsal=12, max_new_tokens=12, batch_size=8, seed=3,
+                         max_row_tokens=bound)
+        return generate_rehearsal(model, tok, prompts, cfg, progress=False)
+
+    free, bounded = rows(0), rows(9)
+    assert max(_row_tokens(tok, r) for r in free) > 9  # unbounded rows are longer
+    assert bounded and max(_row_tokens(tok, r) for r in bounded) <= 9
+
+
+def test_task_row_bound_is_the_task_longest_row(tmp_path):
+    trainer, cb = _trainer(tmp_path, _keep(max_row_tokens="task"),
+                           data=reverse_dataset(32))
+    trainer.train()
+    task_rows = [r for r in trainer.train_dataset["input_ids"] if tuple(r) not in cb.keep.keys]
+    longest = max(len(r) for r in task_rows)
+    assert cb.keep.row_tokens == longest
+    assert cb.keep.settings()["row_tokens"] == longest
+    tok = build_tokenizer()
+    assert max(_row_tokens(tok, r) for r in cb.keep.rows) <= longest
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_kl_only_rehearsal_takes_no_cross_entropy_on_rehearsal_rows(tmp_path, loss):
+    trainer, cb = _trainer(tmp_path, _keep(rehearsal_loss=loss, kl_lambda=1.0))
+    trainer.train()  # a trained adapter: the KL to the base is non-zero
+    rows = [r for r in trainer.train_dataset if tuple(r["input_ids"]) in cb.keep.keys]
+    batch = trainer.data_collator([{"input_ids": r["input_ids"]} for r in rows[:4]])
+    model = trainer.model.train()
+    with torch.no_grad():
+        value = float(trainer.compute_loss(model, batch))
+    kl = float(cb.keep._kl[-1])
+    assert kl > 0
+    if loss == "kl":
+        assert value == pytest.approx(kl, rel=1e-5)  # the anchor alone
+    else:
+        assert value > kl * 1.01  # cross-entropy on the base's answers too
+
+
+@pytest.mark.parametrize("where", ["answer", "all"])
+def test_kl_positions_all_anchors_the_rehearsal_prompt_too(where):
+    from secura_plugins.keep.kl import row_key
+
+    tok = build_tokenizer()
+    model = _adapted("lora", tok).train()
+    ids = torch.randint(3, len(tok), (2, 9))
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, -100)  # no trained answer token at all
+    keep = Keep(KeepConfig(rehearsal=2, kl_positions=where), rows=[], progress=False)
+    keep.keys = {row_key(ids[i], mask[i]) for i in range(2)}
+    kl = keep.kl_term(model, ids, mask, labels, model(ids).logits)
+    assert float(kl) > 0 if where == "all" else float(kl) == 0.0

@@ -14,7 +14,10 @@ base, on a 4-bit base too, with no second copy) writes prompts and answers them:
 Each prompt is answered **greedily** by the same model (the answer is what the base
 would have said). Prompts are deduplicated (case and spacing ignored) and any prompt of
 the task itself or of the ``exclude`` set (pass every evaluation probe's prompts) is
-dropped. The work is bounded in rows, attempts and seconds, with a progress bar.
+dropped. Rows can be bounded in tokens (``max_row_tokens: task``: as long as the task's
+longest row, so a batch mixing both is not padded to long rehearsal rows; a greedy answer
+cut short is still the base's own text; cheaper, but it kept less on the lab). The work is
+bounded in rows, attempts and seconds, with a progress bar.
 
 Example (tiny random model, so the text is noise; runs in a second):
     >>> from secura_plugins.keep.rehearsal import generate_rehearsal
@@ -52,6 +55,7 @@ __all__ = [
     "generate_rehearsal",
     "load_rehearsal",
     "normalize_prompt",
+    "row_budget",
     "save_rehearsal",
 ]
 
@@ -141,6 +145,7 @@ def generate_rehearsal(
     exclude: Iterable[str] = (),
     chat: bool = False,
     progress: bool = True,
+    row_tokens: int | None = None,
 ) -> list[dict[str, str]]:
     """Up to ``config.rehearsal`` rows ``{"prompt", "completion", "kind"}`` written by
     ``model`` with its adapter disabled (see the module docstring).
@@ -148,9 +153,13 @@ def generate_rehearsal(
     ``kind`` is ``"task"`` or ``"generic"``. ``exclude``: prompts that must never be
     produced (evaluation probes); the task's own prompts are excluded too. With ``chat``
     the prompts are answered through the tokenizer's chat template. The model is put in
-    eval mode for the generation and its mode restored afterwards.
+    eval mode for the generation and its mode restored afterwards. ``row_tokens``: the
+    bound on a row's prompt + answer tokens (0: none); by default ``config.max_row_tokens``,
+    whose ``"task"`` is resolved here as the longest task prompt + 4 tokens (``Keep``
+    passes the longest task row instead).
     """
     task_prompts = [str(p) for p in task_prompts if str(p).strip()]
+    budget = row_budget(config, tokenizer, task_prompts) if row_tokens is None else row_tokens
     banned = {normalize_prompt(p) for p in exclude} | {normalize_prompt(p) for p in task_prompts}
     want = config.rehearsal
     n_generic = round(want * config.generic_share) if task_prompts else want
@@ -171,27 +180,35 @@ def generate_rehearsal(
                 kinds = [k for k in ("task", "generic") if quota[k] > 0]
                 if not kinds:
                     break
-                batch = _prompt_batch(rng, kinds, quota, task_prompts, tokenizer, config)
+                batch = _prompt_batch(rng, kinds, quota, task_prompts, tokenizer, config, budget)
                 attempts += len(batch)
                 batch_no += 1
                 seed = config.seed * 1_000_003 + batch_no
-                prompts = _sample_prompts(model, tokenizer, batch, config, seed)
+                prompts = _sample_prompts(model, tokenizer, batch, config, seed, budget)
                 fresh = []
                 for (kind, *_), prompt in zip(batch, prompts):
                     key = normalize_prompt(prompt)
                     if len(key) < 3 or key in seen or key in banned or quota[kind] <= 0:
                         continue
+                    if budget and len(_tokens(tokenizer, prompt)) > budget - 1:
+                        continue  # no room left for an answer
                     seen.add(key)
                     quota[kind] -= 1
                     fresh.append((kind, prompt))
                 if not fresh:
                     continue
                 inputs = [_chat_prompt(tokenizer, p) if chat else p for _, p in fresh]
+                room = [budget - len(_tokens(tokenizer, p)) if budget else 0 for _, p in fresh]
+                new_tokens = config.max_new_tokens
+                if budget:
+                    new_tokens = max(1, min(new_tokens, max(room)))
                 answers = _generate(
-                    model, tokenizer, inputs, max_new_tokens=config.max_new_tokens,
+                    model, tokenizer, inputs, max_new_tokens=new_tokens,
                     sample=False, config=config, seed=seed,
                 )
-                for (kind, prompt), answer in zip(fresh, answers):
+                for (kind, prompt), answer, left in zip(fresh, answers, room):
+                    if budget:  # a prefix of the greedy answer: still the base's text
+                        answer = tokenizer.decode(_tokens(tokenizer, answer)[:left])
                     # One sentence: short rows keep padded batches (and step time) small.
                     answer = answer if chat else _first_sentence(answer)
                     if not answer.strip():
@@ -207,10 +224,21 @@ def generate_rehearsal(
     return rows
 
 
+def row_budget(config: KeepConfig, tokenizer: Any, task_prompts: list[str]) -> int:
+    """``config.max_row_tokens`` as a number of tokens (0: no bound); ``"task"`` without
+    the task's rows: the longest task prompt + 4 tokens. Never under 8 tokens."""
+    bound = config.max_row_tokens
+    if bound == "task":
+        if not task_prompts:
+            return 0
+        bound = max(len(_tokens(tokenizer, p)) for p in task_prompts) + 4
+    return max(int(bound), 8) if bound else 0
+
+
 def _prompt_batch(
     rng: random.Random, kinds: list[str], quota: dict[str, int], task_prompts: list[str],
-    tokenizer: Any, config: KeepConfig,
-) -> list[tuple[str, str, int]]:
+    tokenizer: Any, config: KeepConfig, budget: int = 0,
+) -> list[tuple[str, str, int, str]]:
     """``(kind, prefix, tokens to sample, ending)`` for one generation batch."""
     batch = []
     for _ in range(config.batch_size):
@@ -232,13 +260,17 @@ def _prompt_batch(
             ending = tokenizer.decode(ids[len(ids) - tail :]) if tail else ""
             batch.append((kind, tokenizer.decode(ids[:cut]), len(ids) - cut + 4, ending))
         else:
-            batch.append((kind, rng.choice(GENERIC_STEMS), 16, ""))
+            stem = rng.choice(GENERIC_STEMS)
+            n = 16
+            if budget:  # leave room for an answer of a couple of tokens
+                n = max(2, min(n, budget - len(_tokens(tokenizer, stem)) - 2))
+            batch.append((kind, stem, n, ""))
     return batch
 
 
 def _sample_prompts(
     model: Any, tokenizer: Any, batch: list[tuple[str, str, int, str]], config: KeepConfig,
-    seed: int,
+    seed: int, budget: int = 0,
 ) -> list[str]:
     longest = max(n for _, _, n, _ in batch)
     conts = _generate(
@@ -255,6 +287,8 @@ def _sample_prompts(
             else:
                 text = prefix + tokenizer.decode(_tokens(tokenizer, line)[: n - 4])
         elif cont[:1].isspace():  # a new word after the stem, not "Explain-the-..."
+            if budget:
+                cont = tokenizer.decode(_tokens(tokenizer, cont)[:n])
             text = prefix + _first_sentence(cont)
         else:
             text = ""

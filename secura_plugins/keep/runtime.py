@@ -14,7 +14,9 @@ axolotl plugin hand theirs to the callback). What happens, and when:
   computed here, once.
 * ``compute_loss`` (wrapped): ``loss + kl_lambda * KL(p_base || p_model)`` over the
   rehearsal rows of the batch (recognised by their token ids) and, with
-  ``kl_on_task``, the task's rows too. The mean KL is logged as ``keep/kl``.
+  ``kl_on_task``, the task's rows too. The mean KL is logged as ``keep/kl``. With
+  ``rehearsal_loss='kl'`` the rehearsal rows' labels are masked out of the task loss
+  (they are trained by the anchor only).
 * checkpoints: the rehearsal file is saved in each one, so a resume trains on exactly
   the same mixed data.
 
@@ -38,11 +40,17 @@ import torch
 from ..errors import SecuraConfigError
 from .config import KeepConfig
 from .kl import TeacherCache, kl_full, kl_topk, row_key, teacher_logits, trained_positions
-from .rehearsal import REHEARSAL_FILE, generate_rehearsal, load_rehearsal, save_rehearsal
+from .rehearsal import (
+    REHEARSAL_FILE,
+    generate_rehearsal,
+    load_rehearsal,
+    row_budget,
+    save_rehearsal,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Keep", "task_prompts_of"]
+__all__ = ["Keep", "task_prompts_of", "task_row_tokens"]
 
 
 def _user_text(messages: Any) -> str | None:
@@ -80,6 +88,30 @@ def task_prompts_of(dataset: Any, tokenizer: Any, limit: int = 256) -> tuple[lis
     )
 
 
+def task_row_tokens(dataset: Any, tokenizer: Any, limit: int = 256) -> int | None:
+    """Tokens of the longest of the first ``limit`` training rows: its ``input_ids``, else
+    prompt + completion (or the messages' contents), else ``text``; None if unknown."""
+    names = list(getattr(dataset, "column_names", []) or [])
+    rows = dataset.select(range(min(limit, len(dataset))))
+
+    def count(value: Any) -> int:
+        if isinstance(value, list):  # a conversation
+            return sum(count(m.get("content", "")) for m in value if isinstance(m, Mapping))
+        return len(tokenizer(str(value), add_special_tokens=False)["input_ids"])
+
+    if "input_ids" in names:
+        lengths = [len(ids) for ids in rows["input_ids"]]
+    elif "prompt" in names and "completion" in names:
+        lengths = [count(p) + count(c) for p, c in zip(rows["prompt"], rows["completion"])]
+    elif "messages" in names:
+        lengths = [count(m) for m in rows["messages"]]
+    elif "text" in names:
+        lengths = [count(t) for t in rows["text"]]
+    else:
+        return None
+    return max(lengths, default=None)
+
+
 class Keep:
     """Self-rehearsal rows, their mixing, the KL anchor and their checkpoint state.
 
@@ -114,6 +146,7 @@ class Keep:
         self.cache: TeacherCache | None = None
         self._kl: list[torch.Tensor] = []
         self._prepared_for: int | None = None
+        self.row_tokens: int | None = None
 
     # ------------------------------------------------------------------ rows
     def settings(self) -> dict[str, Any]:
@@ -122,7 +155,8 @@ class Keep:
             json.dumps([sorted(self.task_prompts or []), sorted(self.exclude)]).encode()
         ).hexdigest()[:16]
         keys = ("rehearsal", "generic_share", "max_new_tokens", "temperature", "top_p", "seed")
-        return {**{k: getattr(self.config, k) for k in keys}, "prompts": digest, "chat": self.chat}
+        return {**{k: getattr(self.config, k) for k in keys}, "prompts": digest, "chat": self.chat,
+                "row_tokens": self.row_tokens}
 
     def ensure_rows(
         self, model: Any, tokenizer: Any, dataset: Any = None, *,
@@ -138,6 +172,14 @@ class Keep:
             if self.chat is None:
                 fmt = self.config.format
                 self.chat = chat if fmt == "auto" else fmt == "chat"
+        if self.row_tokens is None:
+            longest = None
+            if self.config.max_row_tokens == "task" and dataset is not None:
+                longest = task_row_tokens(dataset, tokenizer)
+            self.row_tokens = (
+                max(longest, 8) if longest
+                else row_budget(self.config, tokenizer, self.task_prompts or [])
+            )
         if self.rows is not None:
             return self.rows
         for folder in (resume_dir, run_dir):
@@ -150,7 +192,7 @@ class Keep:
                     return rows
         self.rows = generate_rehearsal(
             model, tokenizer, self.task_prompts, self.config, exclude=self.exclude,
-            chat=bool(self.chat), progress=self.progress,
+            chat=bool(self.chat), progress=self.progress, row_tokens=self.row_tokens,
         )
         if len(self.rows) < self.config.rehearsal:
             logger.warning(
@@ -269,8 +311,16 @@ class Keep:
                                 num_items_in_batch=num_items_in_batch)
             ids, mask = inputs["input_ids"], inputs.get("attention_mask")
             labels = inputs.get("labels")
-            loss, outputs = original(model, inputs, return_outputs=True,
-                                     num_items_in_batch=num_items_in_batch)
+            if keep.config.rehearsal_loss == "kl" and labels is not None:
+                inputs = {**inputs, "labels": keep.mask_rehearsal(ids, mask, labels)}
+            if labels is not None and not bool((inputs["labels"] != -100).any()):
+                # only rehearsal rows, trained by the anchor alone: no task loss to take
+                outputs = model(**{k: inputs[k] for k in ("input_ids", "attention_mask",
+                                                          "position_ids") if k in inputs})
+                loss = outputs.logits.sum() * 0.0
+            else:
+                loss, outputs = original(model, inputs, return_outputs=True,
+                                         num_items_in_batch=num_items_in_batch)
             logits = getattr(outputs, "logits", None)
             if logits is None and isinstance(outputs, Mapping):
                 logits = outputs.get("logits")
@@ -287,19 +337,33 @@ class Keep:
         trainer.compute_loss = compute_loss
         trainer._secura_keep_wrapped = True
 
+    def mask_rehearsal(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                       labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` with every rehearsal row set to -100 (no cross-entropy on them)."""
+        if mask is None:
+            mask = torch.ones_like(ids)
+        labels = labels.clone()
+        for i in range(ids.shape[0]):
+            if row_key(ids[i], mask[i]) in self.keys:
+                labels[i] = -100
+        return labels
+
     def kl_term(self, model: Any, ids: torch.Tensor, mask: torch.Tensor | None,
                 labels: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
         """Mean ``KL(p_base || p_model)`` over the anchored rows of a batch, or None."""
         if mask is None:
             mask = torch.ones_like(ids)
-        pick = [self.config.kl_on_task or row_key(ids[i], mask[i]) in self.keys
-                for i in range(ids.shape[0])]
+        rehearsal = [row_key(ids[i], mask[i]) in self.keys for i in range(ids.shape[0])]
+        pick = [self.config.kl_on_task or r for r in rehearsal]
         sel = torch.tensor(pick, device=ids.device)
         if not bool(sel.any()):
             return None
         ids, mask, logits = ids[sel], mask[sel], logits[sel]
         labels = None if labels is None else labels[sel]
         positions = trained_positions(labels, mask)
+        if self.config.kl_positions == "all":  # the whole rehearsal row, prompt included
+            whole = torch.tensor([r for r, p in zip(rehearsal, pick) if p], device=ids.device)
+            positions[whole] = trained_positions(None, mask)[whole]
         hit = self.cache.lookup(ids, mask) if self.cache is not None else None
         if hit is not None:
             kl = kl_topk(logits, hit[0], hit[1], positions)
