@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny checkpoints saved on disk, dense and 4-bit loaders, batches."""
+"""Shared fixtures: tiny checkpoints saved on disk, dense and 4-bit loaders, batches.
+
+Its fixtures reach every tier through ``pytest_plugins`` in ``tests/conftest.py``; tests import
+its plain helpers with ``from helpers.fixtures import ...``.
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import calibration, train_steps
+from helpers.fixtures import calibration, train_steps
 from torch.nn import functional as F
 
 from secura_plugins import AdapterConfig, adapter_stats, apply_adapter, get_plugin_manager
@@ -57,7 +57,7 @@ def test_cabr_keeps_the_smallest_norm_rows_and_columns(loader, ids, quant):
     not against ``base_weight``, the function under test. ``4bit-forwarded`` runs a no-grad
     eval forward on the bare base first (bitsandbytes repacks it there on AVX512-BF16
     CPUs); ``4bit-repacked`` repacks it with bitsandbytes' own conversion on any CPU."""
-    from conftest import repack_for_cpu
+    from helpers.fixtures import repack_for_cpu
     from peft.utils.integrations import dequantize_module_weight
 
     base = loader("llama", quant.split("-")[0], keep_layout=False)
@@ -484,7 +484,7 @@ def test_sclora_requires_calibration_data(loader):
 
 @pytest.mark.parametrize("method", ["secura", "curlora", "sclora"])
 def test_gradient_checkpointing_gives_the_same_gradients(loader, ids, method):
-    from conftest import method_data
+    from helpers.fixtures import method_data
 
     grads = []
     for checkpointing in (False, True):

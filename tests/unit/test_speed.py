@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OneLinear
+from helpers.fixtures import OneLinear
 from torch.nn import functional as F
 
 from secura_plugins import AdapterConfig, apply_adapter
@@ -24,7 +24,7 @@ from secura_plugins.methods.cur import CURVariant, cur_factors
 from secura_plugins.methods.secura import _half_inverse_gate_, smagnorm_gate
 
 D_IN, D_OUT, R, TOKENS = 96, 80, 4, 24
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ReferenceVariant(CURVariant):
