@@ -119,7 +119,8 @@ def test_every_smagnorm_mode_starts_exact_and_gets_gradients(loader, ids, mode):
 
 
 def _expected_output(layer, x, mode: str, merge: str, scale: float = 6.0, eps: float = 1e-6):
-    """The layer's output written from METHODS.md 1.2 and the secura docstring, by hand."""
+    """The layer's output written by hand from the S-MagNorm and M1/M2 equations in the
+    module docstring of ``secura_plugins.methods.secura``."""
     c = layer.lora_core["default"]
     C, R = layer.lora_B["default"].weight, layer.lora_A["default"].weight
     s = layer.scaling["default"]
@@ -331,7 +332,9 @@ def test_u_acc_sums_the_merged_products(loader, ids):
 
 
 def test_merge_every_one_leaves_a_without_gradient(loader, ids):
-    """METHODS.md 1.3: with B zero at every forward, only B learns. Kept visible here."""
+    """A merge sets ``B = 0`` (``secura_plugins.methods.secura`` docstring); merging after
+    every step, B is zero at every forward, so A (whose gradient goes through B) never
+    learns and only B does. Kept visible here."""
     model = apply_adapter(
         loader("llama", "fp32"), AdapterConfig(method="secura", r=4, merge_every=1)
     )
