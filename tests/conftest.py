@@ -1,8 +1,9 @@
 """Test tiers. Every test module lives in one tier folder, which gives it its marker:
 
-- ``tests/unit/`` (``-m unit``): layer, config and file-format math on tiny models built in
-  the test, in this process: no Trainer run, no subprocess (a few one-off exceptions: the
-  NaN halt and the bad-input table run ``secura train`` for 1-2 steps). The doctests in
+- ``tests/unit/`` (``-m unit``): layer, config, save/load and error-message checks on tiny
+  models built in the test, in this process, no subprocess. Kept with their subject
+  although they train a few steps: the bad-input table and the NaN halt (``secura train``
+  through the CLI's ``main``) and the speed guard's quick mode. The doctests in
   ``secura_plugins/`` belong here too. ``make test-quick`` runs this tier.
 - ``tests/integration/`` (``-m integration``): the real TRL ``SFTTrainer``, PEFT and
   bitsandbytes through training runs on tiny models (``secura train``, the lab, the keep
