@@ -1,8 +1,12 @@
-# secura-plugins: the two commands a newcomer needs.
+# secura-plugins: the two commands a newcomer needs, and a quick check while editing.
 #   make demo   set up .venv (first time: ~5 min) and run the offline demo on the real model
-#   make test   set up both environments, run lint + the whole test suite (what CI runs):
-#               .venv            axolotl 0.19.0's pins (transformers 5.16, trl 1.9, peft 0.20)
-#               .venv-trl-latest the newest TRL (it needs a newer transformers than axolotl)
+#   make test   set up both environments, run lint + the test suite (what CI runs):
+#               .venv            axolotl 0.19.0's pins (transformers 5.16, trl 1.9, peft 0.20):
+#                                every tier (tests/unit, tests/integration, tests/e2e)
+#               .venv-trl-latest the newest TRL (it needs a newer transformers than axolotl):
+#                                the unit and integration tiers (-m "not e2e") and the
+#                                e2e resume tests (checkpoints are TRL/transformers-bound)
+#   make test-quick  the unit tier only (tests/unit + the doctests), in .venv: ~1 CPU-minute
 # Both environments install from the locks in .ci/ (every package pinned, --no-deps), so a
 # fresh clone tests exactly what was tested here. `make lock` re-resolves them from the
 # ranges in pyproject.toml (then run make clean test and commit the two lock files).
@@ -25,7 +29,7 @@ define venv_from_lock
 	touch $(1)/.installed
 endef
 
-.PHONY: setup demo test test-main test-trl-latest lint bench-guard lock clean
+.PHONY: setup demo test test-quick test-main test-trl-latest lint bench-guard lock clean
 
 setup: $(STAMP)
 
@@ -56,9 +60,14 @@ bench-guard: setup
 test-main: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The unit tier (tests/conftest.py describes the tiers): no Trainer run, no subprocess.
+test-quick: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit secura_plugins
+
 test-trl-latest: $(LATEST)/.installed
 	$(LATEST)/bin/python -c "import trl, transformers, peft; print('newest TRL env:', trl.__version__, transformers.__version__, peft.__version__)"
-	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_axolotl.py --ignore=secura_plugins/integrations/axolotl
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider -m "not e2e" --ignore=secura_plugins/integrations/axolotl
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider tests/e2e/test_resume.py
 
 # Mutation check (not in CI, ~11 min): one-line breakages the named tests must catch.
 mutants: setup

@@ -55,8 +55,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        return checkpoint\n",
         "        return None\n",
         (
-            "tests/test_cli.py::test_continual_recipe_end_to_end_and_resume",
-            "tests/test_resume.py::test_sigkill_mid_task_then_same_command_resumes",
+            "tests/integration/test_cli.py::test_continual_recipe_end_to_end_and_resume",
+            "tests/e2e/test_resume.py::test_sigkill_mid_task_then_same_command_resumes",
         ),
         "issue 16.1: `secura train --resume` restarts the task instead of resuming",
     ),
@@ -65,7 +65,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "secura_plugins/integrations/trainer/callback.py",
         "return original_train(self._resume_dir, *args, **kwargs)",
         "return original_train(None, *args, **kwargs)",
-        ("tests/test_trl.py::test_resume_gives_same_final_adapter",),
+        ("tests/integration/test_trl.py::test_resume_gives_same_final_adapter",),
         "issue 16.1: trainer.train(resume_from_checkpoint=...) silently starts over",
     ),
     Mutation(
@@ -74,8 +74,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    def _load_state(self, folder: Path) -> None:\n",
         "    def _load_state(self, folder: Path) -> None:\n        return\n",
         (
-            "tests/test_trl.py::test_replay_buffer_saved_in_checkpoints_and_restored",
-            "tests/test_trl.py::test_ewc_state_saved_in_checkpoints_and_restored",
+            "tests/integration/test_trl.py::test_replay_buffer_saved_in_checkpoints_and_restored",
+            "tests/integration/test_trl.py::test_ewc_state_saved_in_checkpoints_and_restored",
         ),
         "issue 16.1: the callback's EWC/replay state is not read back from a checkpoint",
     ),
@@ -84,7 +84,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "secura_plugins/continual/ewc.py",
         "        return 0.5 * self.lam * total\n",
         "        return 0.0 * total\n",
-        ("tests/test_continual.py::test_large_lambda_keeps_parameters_near_anchor[loss]",),
+        ("tests/unit/test_continual.py::test_large_lambda_keeps_parameters_near_anchor[loss]",),
         "issue 16.2: EWC.penalty returns 0",
     ),
     Mutation(
@@ -92,7 +92,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "secura_plugins/continual/ewc.py",
         "            g = (self.lam * f * diff).to(p.dtype)",
         "            g = (0.0 * f * diff).to(p.dtype)",
-        ("tests/test_continual.py::test_large_lambda_keeps_parameters_near_anchor[grad]",),
+        ("tests/unit/test_continual.py::test_large_lambda_keeps_parameters_near_anchor[grad]",),
         "issue 16.2: EWC.penalty_grad_ adds no gradient",
     ),
     Mutation(
@@ -101,8 +101,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "                learning_rate=lr,",
         "                learning_rate=0.0,",
         (
-            "tests/test_lab.py::test_quick_lab_writes_measured_results",
-            "tests/test_cli.py::test_demo_command_compares_lora_and_secura",
+            "tests/integration/test_lab.py::test_quick_lab_writes_measured_results",
+            "tests/integration/test_cli.py::test_demo_command_compares_lora_and_secura",
         ),
         "issue 16.3: the lab trains nothing",
     ),
@@ -113,7 +113,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    weight = dequantized_weight(base)\n"
         "    weight = weight.roll(1, 0).roll(1, 1) if hasattr(base.weight, 'quant_state') "
         "else weight\n",
-        ("tests/test_methods.py::test_cabr_keeps_the_smallest_norm_rows_and_columns[4bit]",),
+        ("tests/unit/test_methods.py::test_cabr_keeps_the_smallest_norm_rows_and_columns[4bit]",),
         "issue 16.4: 4-bit dequantization is wrong (rows/columns shifted); the test's "
         "oracle must not be base_weight() itself",
     ),
@@ -123,7 +123,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            target.copy_(source.to(device=target.device, dtype=target.dtype))",
         "            None if key.endswith(('.A', '.B', '.u_acc')) else "
         "target.copy_(source.to(device=target.device, dtype=target.dtype))",
-        ("tests/test_safety.py::test_pickle_files_in_an_adapter_folder_are_never_opened",),
+        ("tests/unit/test_safety.py::test_pickle_files_in_an_adapter_folder_are_never_opened",),
         "issue 16.5: the loader skips A, B and U_acc",
     ),
     Mutation(
@@ -131,7 +131,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "secura_plugins/methods/secura.py",
         "    mean = w.mean() + 1.0\n",
         "    mean = (2.0 / (w + 1.0)).mean()\n",
-        ("tests/test_methods.py::test_gate_mean_is_reported_after_a_forward",),
+        ("tests/unit/test_methods.py::test_gate_mean_is_reported_after_a_forward",),
         "issue 16.6: the logged gate mean is mean(2/S), not mean(S)",
     ),
     Mutation(
@@ -140,7 +140,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "def _load_tensor_file(",
         "def _unsafe(path):\n    from torch import load\n\n    return load(path)\n\n\n"
         "def _load_tensor_file(",
-        ("tests/test_safety.py::test_the_package_never_unpickles_or_loads_yaml_unsafely",),
+        ("tests/unit/test_safety.py::test_the_package_never_unpickles_or_loads_yaml_unsafely",),
         "issue 16.7: `from torch import load; load(path)` (unpickling) in io.py",
     ),
     Mutation(
@@ -149,9 +149,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         '            k: v.detach().to("cpu").contiguous()\n',
         '            k: (v * 0 if k.endswith("u_acc") else v).detach().to("cpu").contiguous()\n',
         (
-            "tests/test_io.py::test_saved_folder_holds_every_piece_of_state",
-            "tests/test_io.py::test_reloading_weights_into_the_same_model",
-            "tests/test_contract.py::test_reload_in_a_fresh_process",
+            "tests/unit/test_io.py::test_saved_folder_holds_every_piece_of_state",
+            "tests/unit/test_io.py::test_reloading_weights_into_the_same_model",
+            "tests/integration/test_reload.py::test_reload_in_a_fresh_process",
         ),
         "issue 16.8: save_adapter writes U_acc as zeros",
     ),
@@ -160,7 +160,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "secura_plugins/integrations/axolotl/plugin.py",
         "peft_model = core.load_adapter(model, cfg.lora_model_dir, is_trainable=not inference)",
         "peft_model = core.apply_adapter(model, config)",
-        ("tests/test_axolotl.py::test_continual_ewc_and_replay_across_two_axolotl_runs",),
+        ("tests/e2e/test_axolotl.py::test_continual_ewc_and_replay_across_two_axolotl_runs",),
         "issue 16.9: lora_model_dir is logged but a fresh adapter is trained",
     ),
 )

@@ -4,7 +4,7 @@ commit 46a6974, before the per-method options refactor; kept for the record).
 Each ``<method>/`` holds an adapter saved by that code on the tiny model of
 :func:`fixture_base`, with trained-looking (seeded random) tensors, plus
 ``expected.safetensors``: the token ids and the logits the adapted model gave.
-``tests/test_saved_v01.py`` loads them with today's code.
+``tests/unit/test_saved_v01.py`` loads them with today's code.
 
     PYTHONPATH=$PWD python tests/data/saved-v0.1/make_fixtures.py
 """

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from trl_helpers import (
+from helpers.trl_helpers import (
     adapter_snapshot,
     base_snapshot,
     load_4bit,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_base, train_steps, u_acc_total
+from helpers.fixtures import load_base, train_steps, u_acc_total
 from safetensors.torch import load_file, save_file
 
 from secura_plugins import (

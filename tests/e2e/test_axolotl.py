@@ -2,7 +2,7 @@
 
 Every run is ``python -m axolotl.cli.train <yaml>`` (the module ``axolotl train``
 launches) in a subprocess, on CPU and offline, with a tiny Llama and dataset written by
-the test. A probe plugin (``tests/axolotl_helpers.py``) records what the run's model
+the test. A probe plugin (``tests/helpers/axolotl_helpers.py``) records what the run's model
 looked like; the tests then check it from the outside and reload the saved adapter.
 """
 
@@ -17,7 +17,7 @@ import yaml
 
 pytest.importorskip("axolotl", reason="the axolotl extra is not installed")
 
-import axolotl_helpers as H  # noqa: E402
+from helpers import axolotl_helpers as H  # noqa: E402
 
 N_LAYERS, N_TARGETS = 2, 7  # tiny Llama: 2 blocks x q/k/v/o/gate/up/down
 MERGE_EVERY, MAX_STEPS = 3, 8  # from the tiny recipe: merges at steps 3 and 6

@@ -19,8 +19,8 @@ import torch
 
 pytest.importorskip("trl")
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "helpers" / "ddp_worker.py"
 
 
 def _free_port() -> int:
@@ -37,7 +37,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory):
 
     out = tmp_path_factory.mktemp("ddp")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    path = [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]  # tests/: ``helpers``
+    env["PYTHONPATH"] = os.pathsep.join(path).rstrip(os.pathsep)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     cmd = [
         sys.executable,
@@ -62,7 +63,7 @@ def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
 
 
 def test_ranks_hold_the_same_adapter_with_merges_in_step(ranks):
-    from ddp_worker import MERGE_EVERY, STEPS
+    from helpers.ddp_worker import MERGE_EVERY, STEPS
 
     (t0, t1), _ = ranks
     a0, a1 = _part(t0, "adapter."), _part(t1, "adapter.")

@@ -34,7 +34,7 @@ pytest.importorskip("trl")
 from secura_plugins import faults, hookimpl  # noqa: E402
 from secura_plugins.faults import KILL_ENV  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 RECIPE = """\
 run: {seed: 0}

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import calibration, train_steps
+from helpers.fixtures import calibration, train_steps
 from torch.nn import functional as F
 
 from secura_plugins import AdapterConfig, adapter_stats, apply_adapter, get_plugin_manager
@@ -57,7 +57,7 @@ def test_cabr_keeps_the_smallest_norm_rows_and_columns(loader, ids, quant):
     not against ``base_weight``, the function under test. ``4bit-forwarded`` runs a no-grad
     eval forward on the bare base first (bitsandbytes repacks it there on AVX512-BF16
     CPUs); ``4bit-repacked`` repacks it with bitsandbytes' own conversion on any CPU."""
-    from conftest import repack_for_cpu
+    from helpers.fixtures import repack_for_cpu
     from peft.utils.integrations import dequantize_module_weight
 
     base = loader("llama", quant.split("-")[0], keep_layout=False)
@@ -119,7 +119,8 @@ def test_every_smagnorm_mode_starts_exact_and_gets_gradients(loader, ids, mode):
 
 
 def _expected_output(layer, x, mode: str, merge: str, scale: float = 6.0, eps: float = 1e-6):
-    """The layer's output written from METHODS.md 1.2 and the secura docstring, by hand."""
+    """The layer's output written by hand from the S-MagNorm and M1/M2 equations in the
+    module docstring of ``secura_plugins.methods.secura``."""
     c = layer.lora_core["default"]
     C, R = layer.lora_B["default"].weight, layer.lora_A["default"].weight
     s = layer.scaling["default"]
@@ -331,7 +332,9 @@ def test_u_acc_sums_the_merged_products(loader, ids):
 
 
 def test_merge_every_one_leaves_a_without_gradient(loader, ids):
-    """METHODS.md 1.3: with B zero at every forward, only B learns. Kept visible here."""
+    """A merge sets ``B = 0`` (``secura_plugins.methods.secura`` docstring); merging after
+    every step, B is zero at every forward, so A (whose gradient goes through B) never
+    learns and only B does. Kept visible here."""
     model = apply_adapter(
         loader("llama", "fp32"), AdapterConfig(method="secura", r=4, merge_every=1)
     )
@@ -484,7 +487,7 @@ def test_sclora_requires_calibration_data(loader):
 
 @pytest.mark.parametrize("method", ["secura", "curlora", "sclora"])
 def test_gradient_checkpointing_gives_the_same_gradients(loader, ids, method):
-    from conftest import method_data
+    from helpers.fixtures import method_data
 
     grads = []
     for checkpointing in (False, True):

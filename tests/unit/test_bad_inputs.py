@@ -3,7 +3,7 @@
 Every case runs what a user runs (``secura train`` through the CLI's ``main``, or the
 Python API for adapter files) and compares the whole message. ``docs/errors.md`` holds
 the same table; ``test_errors_doc_matches_the_table`` fails when they drift apart.
-Regenerate the doc with ``python tests/test_bad_inputs.py``.
+Regenerate the doc with ``python tests/unit/test_bad_inputs.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from secura_plugins import AdapterConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "errors.md"
 START, END = "<!-- cases:start -->", "<!-- cases:end -->"
 
@@ -469,7 +469,7 @@ def render_table() -> str:
 def test_errors_doc_matches_the_table() -> None:
     text = DOC.read_text()
     table = text.split(START, 1)[1].split(END, 1)[0].strip()
-    assert table == render_table(), "docs/errors.md is stale: run python tests/test_bad_inputs.py"
+    assert table == render_table(), "docs/errors.md is stale: run python tests/unit/test_bad_inputs.py"
 
 
 if __name__ == "__main__":  # regenerate the table in docs/errors.md

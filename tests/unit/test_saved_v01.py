@@ -22,7 +22,7 @@ from secura_plugins import AdapterConfig, load_adapter
 from secura_plugins.model import adapter_layers
 from secura_plugins.tiny import build_tiny_model
 
-DATA = Path(__file__).parent / "data" / "saved-v0.1"
+DATA = Path(__file__).parents[1] / "data" / "saved-v0.1"
 METHODS = ["secura", "secura-m1", "curlora", "sclora", "lora", "dora"]
 LAYER = "model.layers.0.self_attn.q_proj"
 

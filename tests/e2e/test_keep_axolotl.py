@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("axolotl", reason="the axolotl extra is not installed")
 
-import axolotl_helpers as H  # noqa: E402
+from helpers import axolotl_helpers as H  # noqa: E402
 
 KEEP = {"rehearsal": 6, "ratio": 0.3, "kl_lambda": 1.0, "max_new_tokens": 4, "batch_size": 8}
 

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TESTS_DIR = Path(__file__).resolve().parents[1]  # holds the ``helpers`` package
 TINY_RECIPE = REPO_ROOT / "recipes" / "axolotl" / "tiny-secura.yml"
-PROBE_PLUGIN = "axolotl_helpers.ProbePlugin"
+PROBE_PLUGIN = "helpers.axolotl_helpers.ProbePlugin"
 #: Token ids fed to the model for the logits comparisons (the tiny vocab has ~100 ids).
 PROBE_IDS = [[1, *range(10, 40), 2]]
 
@@ -134,7 +134,7 @@ def run_axolotl_train(cfg_path: Path, timeout: float = 240.0) -> RunResult:
 
 def check_configs(checks: list[tuple[str, Path]], result_path: Path) -> RunResult:
     """Run axolotl's config loading on several YAMLs in one interpreter (see :func:`main`)."""
-    args = ["axolotl_helpers", "check-configs", str(result_path)]
+    args = ["helpers.axolotl_helpers", "check-configs", str(result_path)]
     for kind, cfg in checks:
         args += [f"{kind}={cfg}"]
     return run_module(args)
@@ -262,7 +262,7 @@ class ProbePlugin(_BasePlugin):  # type: ignore[misc,valid-type]
 
 
 # --------------------------------------------------------------------------------------
-# Config checks in one process: python -m axolotl_helpers check-configs OUT kind=cfg ...
+# Config checks in one process: python -m helpers.axolotl_helpers check-configs OUT kind=cfg
 # --------------------------------------------------------------------------------------
 
 
@@ -331,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     lack of the plugin has to come first."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2 or argv[0] != "check-configs":
-        raise SystemExit("usage: python -m axolotl_helpers check-configs OUT.json KIND=CFG ...")
+        raise SystemExit(
+            "usage: python -m helpers.axolotl_helpers check-configs OUT.json KIND=CFG ..."
+        )
     results = []
     for item in argv[2:]:
         kind, cfg = item.split("=", 1)

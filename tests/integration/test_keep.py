@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from trl_helpers import reverse_dataset, sft_config, text_dataset
+from helpers.trl_helpers import reverse_dataset, sft_config, text_dataset
 
 from secura_plugins import AdapterConfig, apply_adapter, load_adapter, save_adapter
 from secura_plugins.keep import REHEARSAL_FILE, Keep, KeepConfig, generate_rehearsal
@@ -227,7 +227,7 @@ def test_recipe_keep_block_runs_rehearsal_and_kl_per_task(tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "secura"])
 def test_adapter_disabled_is_the_base_on_a_4bit_base(tmp_path, method):
-    from trl_helpers import load_4bit
+    from helpers.trl_helpers import load_4bit
 
     from secura_plugins.tiny import save_tiny_checkpoint
 

@@ -43,7 +43,7 @@ def recipe_adapter(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("recipe") / "run"
     recipe = load_recipe(
-        Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml",
+        Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml",
         ["training.max_steps=4", "training.save_steps=4", "probe.steps=4"],
     )
     return Path(run_recipe(recipe, output_dir=out, progress=False)["adapter"])
@@ -79,9 +79,9 @@ def test_model_compared_with_itself_forgot_nothing(recipe_adapter, capsys):
 
 
 def test_trl_callback_adapter_and_its_merged_export(tmp_path, capsys, checkpoints):
+    from helpers.trl_helpers import load_dense, sft_config, text_dataset
     from transformers import AutoTokenizer
     from trl import SFTTrainer
-    from trl_helpers import load_dense, sft_config, text_dataset
 
     from secura_plugins import AdapterConfig
     from secura_plugins.export import merge_adapter_into_base
@@ -108,7 +108,7 @@ def test_trl_callback_adapter_and_its_merged_export(tmp_path, capsys, checkpoint
 
 def test_axolotl_adapter(tmp_path, capsys):
     pytest.importorskip("axolotl", reason="the axolotl extra is not installed")
-    import axolotl_helpers as H
+    from helpers import axolotl_helpers as H
 
     ws = H.make_workspace(tmp_path / "ws")
     cfg = H.write_config(ws, "run", {"max_steps": 3}, probe=False)

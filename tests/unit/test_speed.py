@@ -1,10 +1,10 @@
 """SECURA's optimised forward equals the formula, and what it keeps for backward is small.
 
-The reference below is the straightforward implementation of METHODS.md 1.2
-(``y = (h0 + (h0 + dh)) / S`` with autograd through every element-wise op). The
-optimised variant must give the same outputs and gradients: exact up to float32
-rounding in the forward, and within the float16 rounding of the saved gate
-(``2**-11`` relative) in the backward.
+The reference below is the straightforward implementation of the S-MagNorm equations in
+the module docstring of ``secura_plugins.methods.secura`` (``y = (h0 + (h0 + dh)) / S``
+with autograd through every element-wise op). The optimised variant must give the same
+outputs and gradients: exact up to float32 rounding in the forward, and within the float16
+rounding of the saved gate (``2**-11`` relative) in the backward.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OneLinear
+from helpers.fixtures import OneLinear
 from torch.nn import functional as F
 
 from secura_plugins import AdapterConfig, apply_adapter
@@ -24,7 +24,7 @@ from secura_plugins.methods.cur import CURVariant, cur_factors
 from secura_plugins.methods.secura import _half_inverse_gate_, smagnorm_gate
 
 D_IN, D_OUT, R, TOKENS = 96, 80, 4, 24
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ReferenceVariant(CURVariant):

@@ -1,7 +1,7 @@
 """4-bit bases that bitsandbytes repacked for its AVX512-BF16 CPU kernel (issue 11).
 
 On such CPUs a no-grad eval forward of ``Linear4bit`` repacks its weight in place. The
-layout is produced here with bitsandbytes' own conversion (``conftest.repack_for_cpu``),
+layout is produced here with bitsandbytes' own conversion (``helpers.fixtures.repack_for_cpu``),
 which runs on any CPU; the end-to-end case at the bottom runs the real eval forward and
 is skipped where the CPU lacks the instruction set.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
 from bitsandbytes.nn import Linear4bit
-from conftest import method_data, repack_for_cpu
+from helpers.fixtures import method_data, repack_for_cpu
 from peft import LoraConfig, get_peft_model
 from peft.utils.integrations import dequantize_module_weight
 
@@ -38,7 +38,7 @@ def _round_scales_to_bf16(model: torch.nn.Module) -> None:
     """The values a repacked layer computes with: its block scales rounded to bfloat16."""
     for module in _linear4bit(model).values():
         state = module.weight.quant_state
-        assert not state.nested  # conftest loads without double quantization
+        assert not state.nested  # load_base loads without double quantization
         state.absmax = state.absmax.to(torch.bfloat16).to(state.absmax.dtype)
 
 

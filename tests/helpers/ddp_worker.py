@@ -1,11 +1,11 @@
-"""One rank of the DDP test (``tests/test_ddp.py`` launches it with torchrun).
+"""One rank of the DDP test (``tests/e2e/test_ddp.py`` launches it with torchrun).
 
 Two continual tasks on the tiny model with ``SecuraSFTTrainer`` + ``SecuraCallback``:
 SECURA with M1 merges every 2 steps, online EWC, replay. Each rank then writes what it
 holds (adapter tensors incl. ``U_acc`` and merge count, EWC state, replay buffer, its
 local and all-reduced Fisher, a hash of its mixed training set) for the test to compare.
 
-Usage: torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR
+Usage (``tests/`` on PYTHONPATH): torchrun --nproc_per_node 2 tests/helpers/ddp_worker.py OUT_DIR
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def main(out: Path) -> None:
     from accelerate.utils import extract_model_from_parallel
     from datasets import Dataset
     from safetensors.torch import save_file
-    from trl_helpers import sft_config
 
+    from helpers.trl_helpers import sft_config
     from secura_plugins import AdapterConfig
     from secura_plugins.continual import EWC, ReplayBuffer
     from secura_plugins.integrations.trl import SecuraCallback, SecuraSFTTrainer

