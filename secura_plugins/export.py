@@ -107,11 +107,11 @@ def merge_adapter_into_base(
 ) -> Path:
     """Load the dense base checkpoint ``base``, apply the adapter (its update times
     ``scale``, if given), export a merged checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    base_model = AutoModelForCausalLM.from_pretrained(
-        str(base), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-    )
+    from .loading import load_base
+
+    base_model = load_base(str(base), dtype=dtype, trust_remote_code=trust_remote_code)
     model = load_adapter(base_model, adapter_dir, scale=scale)
     out = export_merged(model, out_dir)
     with contextlib.suppress(OSError, ValueError):
