@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from speed import _status_kib  # benchmarks/ is sys.path[0] when run as a script
 
+from secura_plugins.lab.real import untouched
+
 #: name -> (adapter method, KeepConfig fields or None). Rehearsal rows = task rows at
 #: ratio 0.5, so every rehearsal row is used once per epoch. ``-short``: rows bounded by
 #: the task's longest row (``max_row_tokens: task``).
@@ -64,12 +66,6 @@ def rows_path(folder: str, task: str, seed: int, fields: dict, n_task: int) -> P
     return Path(folder) / f"{name}.jsonl"
 
 
-
-
-def untouched(probe: list[tuple[str, str]], rows: list[dict[str, str]]) -> list[tuple[str, str]]:
-    """Probe pairs whose answer occurs in no rehearsal prompt or completion."""
-    text = " ".join((r["prompt"] + " " + r["completion"]).lower() for r in rows)
-    return [(p, a) for p, a in probe if a.strip().lower() not in text]
 
 
 def run(args: argparse.Namespace) -> dict:

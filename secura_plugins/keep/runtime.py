@@ -275,6 +275,9 @@ class Keep:
                 for name in names:
                     if name in tok:
                         row[name] = tok[name]
+                    elif name in ("prompt", "completion") and isinstance(first[name], list):
+                        role = "user" if name == "prompt" else "assistant"  # conversational
+                        row[name] = [{"role": role, "content": raw[name]}]
                     elif name in ("prompt", "completion"):
                         row[name] = raw[name]
                     elif name == "text":

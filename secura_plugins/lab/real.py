@@ -56,6 +56,7 @@ __all__ = [
     "real_base",
     "render_pairs",
     "text_nll",
+    "untouched",
 ]
 
 #: Learning rates per method family on the real base (the issue's table, until a sweep
@@ -221,6 +222,22 @@ def text_nll(
     return total / max(count, 1)
 
 
+def untouched(
+    probe: list[tuple[str, str]], rows: list[dict[str, Any]]
+) -> list[tuple[str, str]]:
+    """The ``probe`` pairs whose answer occurs in no rehearsal row's prompt or completion.
+
+    Retention on these is retention the rehearsal did not produce by asking the item.
+
+    Example:
+        >>> untouched([("Capital of France:", " Paris"), ("hot ->", " cold")],
+        ...           [{"prompt": "Where is Paris?", "completion": "In France."}])
+        [('hot ->', ' cold')]
+    """
+    text = " ".join((str(r["prompt"]) + " " + str(r["completion"])).lower() for r in rows)
+    return [(p, a) for p, a in probe if a.strip().lower() not in text]
+
+
 def _probe(pairs: list[tuple[str, str]], tok: Any):
     from ..continual.probe import RetentionProbe
 
@@ -303,13 +320,15 @@ class RealBase:
     ) -> dict[str, Any]:
         """Known facts kept, new-task accuracy and NLL rise of ``model`` (any wrapper).
 
-        Returns ``{"known_kept", "known_kept_by_format", "task_accuracy" (tag -> acc),
+        Returns ``{"known_kept", "known_kept_by_format", "known_hits" (format -> one
+        bool per probe item, in :meth:`probe_pairs` order), "task_accuracy" (tag -> acc),
         "new_learned" (mean over ``tasks``), "nll", "nll_rise"}``; ``known_kept`` is the
         share of the kept probe items still answered exactly (the base scores 1.0).
         """
-        by_format, hits_total, n_total = {}, 0, 0
+        by_format, known_hits, hits_total, n_total = {}, {}, 0, 0
         for fmt, pairs in self.probe.items():
             hits = _hits(model, pairs, tok)
+            known_hits[fmt] = hits
             by_format[fmt] = sum(hits) / len(hits)
             hits_total += sum(hits)
             n_total += len(hits)
@@ -321,6 +340,7 @@ class RealBase:
         out: dict[str, Any] = {
             "known_kept": hits_total / max(n_total, 1),
             "known_kept_by_format": by_format,
+            "known_hits": known_hits,
             "task_accuracy": acc,
             "new_learned": sum(acc.values()) / len(acc) if acc else None,
         }

@@ -303,6 +303,8 @@ def run_sequence(
         record["probe_by_format"] = []
     if method.keep:
         record["keep_kl"] = []
+        if real:  # retention on probe items no rehearsal row mentions (lab.real.untouched)
+            record.update({"kept_untouched": [], "n_untouched": []})
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         hooks = _LabHooks(base, method, settings, lr, seed, Path(tmp), record, matrix)
         hooks.ewc, hooks.buffer, hooks.probe, hooks.tok = ewc, buffer, probe, tok
@@ -344,6 +346,7 @@ class _LabHooks(SequenceHooks):
     adapted: bool = True
     exclude: list[str] = field(default_factory=list)
     state_bytes: int = 0
+    keeps: list[Any] = field(default_factory=list)  # each task's Keep (its rehearsal rows)
 
     def args(self, run: TaskRun) -> Any:
         from trl import SFTConfig
@@ -384,6 +387,7 @@ class _LabHooks(SequenceHooks):
         keep = None
         if self.method.keep:  # a fresh Keep per task: the base rehearses each task's shapes
             keep = Keep(self.method.keep, exclude=self.exclude, progress=False)
+            self.keeps.append(keep)
         return [SecuraCallback(ewc=self.ewc, replay=self.buffer, keep=keep)]
 
     def trained(self, run: TaskRun) -> None:
@@ -408,6 +412,11 @@ class _LabHooks(SequenceHooks):
             record["probe_by_format"].append(scores["known_kept_by_format"])
             record["nll"].append(scores["nll"])
             record["nll_rise"].append(scores["nll"] - record["base_nll"])
+            record.setdefault("probe_hits", []).append(
+                [int(h) for hits in scores["known_hits"].values() for h in hits]
+            )
+            if "kept_untouched" in record:
+                self._kept_untouched(scores["known_hits"])
         else:
             score = self.probe.evaluate(model)["accuracy"]
         record["probe"].append(score)
@@ -420,6 +429,23 @@ class _LabHooks(SequenceHooks):
             run.task.name,
             [round(v, 3) for v in self.matrix.a[i][: i + 1]],
             record["retention"][-1],
+        )
+
+
+    def _kept_untouched(self, known_hits: dict[str, list[bool]]) -> None:
+        """Record the retention on probe items no rehearsal row so far mentions."""
+        from .real import untouched
+
+        rows = [r for keep in self.keeps for r in keep.rows or []]
+        hit = {
+            pair: h
+            for fmt, pairs in self.base.probe.items()
+            for pair, h in zip(pairs, known_hits[fmt])
+        }
+        far = untouched(list(hit), rows)
+        self.record["n_untouched"].append(len(far))
+        self.record["kept_untouched"].append(
+            sum(hit[p] for p in far) / len(far) if far else None
         )
 
 

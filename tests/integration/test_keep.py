@@ -309,3 +309,22 @@ def test_kl_positions_all_anchors_the_rehearsal_prompt_too(where):
     keep.keys = {row_key(ids[i], mask[i]) for i in range(2)}
     kl = keep.kl_term(model, ids, mask, labels, model(ids).logits)
     assert float(kl) > 0 if where == "all" else float(kl) == 0.0
+
+
+def test_rehearsal_mixes_into_a_conversational_dataset(tmp_path):
+    """TRL conversational rows keep their message-list columns after tokenizing: the
+    rehearsal rows are mixed in as one user / one assistant message (issue 13, lab)."""
+    from datasets import Dataset
+
+    chat = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": f"{i}+{i}"}],
+         "completion": [{"role": "assistant", "content": str(2 * i)}]}
+        for i in range(32)
+    ])
+    trainer, cb = _trainer(tmp_path, _keep(), data=chat)
+    trainer.train()
+    assert cb.keep.chat and cb.keep.rows
+    assert len(trainer.train_dataset) > 32 and {tuple(r) for r in
+                                                 trainer.train_dataset["input_ids"]} & cb.keep.keys
+    row = next(r for r in trainer.train_dataset if tuple(r["input_ids"]) in cb.keep.keys)
+    assert row["prompt"][0]["role"] == "user" and row["completion"][0]["role"] == "assistant"
