@@ -238,6 +238,19 @@ def untouched(
     return [(p, a) for p, a in probe if a.strip().lower() not in text]
 
 
+def kept_untouched(
+    probe: dict[str, list[tuple[str, str]]],
+    known_hits: dict[str, list[bool]],
+    rows: list[dict[str, Any]],
+) -> tuple[int, float | None]:
+    """``(n, share)``: how many probe items no rehearsal row mentions (:func:`untouched`)
+    and the share of them still answered (``known_hits`` as :meth:`RealBase.measure`
+    returns it, per format); ``share`` is None when every item is mentioned."""
+    hit = {pair: h for fmt, pairs in probe.items() for pair, h in zip(pairs, known_hits[fmt])}
+    far = untouched(list(hit), rows)
+    return len(far), (sum(hit[p] for p in far) / len(far) if far else None)
+
+
 def _probe(pairs: list[tuple[str, str]], tok: Any):
     from ..continual.probe import RetentionProbe
 

@@ -431,22 +431,14 @@ class _LabHooks(SequenceHooks):
             record["retention"][-1],
         )
 
-
     def _kept_untouched(self, known_hits: dict[str, list[bool]]) -> None:
         """Record the retention on probe items no rehearsal row so far mentions."""
-        from .real import untouched
+        from .real import kept_untouched
 
         rows = [r for keep in self.keeps for r in keep.rows or []]
-        hit = {
-            pair: h
-            for fmt, pairs in self.base.probe.items()
-            for pair, h in zip(pairs, known_hits[fmt])
-        }
-        far = untouched(list(hit), rows)
-        self.record["n_untouched"].append(len(far))
-        self.record["kept_untouched"].append(
-            sum(hit[p] for p in far) / len(far) if far else None
-        )
+        n, share = kept_untouched(self.base.probe, known_hits, rows)
+        self.record["n_untouched"].append(n)
+        self.record["kept_untouched"].append(share)
 
 
 def settings_dict(settings: RunSettings) -> dict[str, Any]:
