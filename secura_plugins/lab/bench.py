@@ -191,10 +191,6 @@ class LabConfig:
         return data
 
 
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_json(path, data)
-
-
 def _pick_lrs(sweep: list[dict[str, Any]], match: float) -> dict[str, float]:
     """Per family: the smallest LR reaching ``match`` x the best learning accuracy."""
     best = max(s["learning_accuracy"] for s in sweep)
@@ -285,7 +281,7 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
                     point["nll_rise"] = rec["nll_rise"][-1]
                     point["probe_by_format"] = rec["probe_by_format"][-1]
                 results["sweep"].append(point)
-                _write_json(results_path, results)
+                atomic_write_json(results_path, results)
             picked = _pick_lrs(results["sweep"], cfg.match)
             cfg.lrs = {**picked, **cfg.lrs}
         results["lrs"] = {f: cfg.lr_for(f) for f in families}
@@ -306,7 +302,7 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
             results["runs"].append(
                 run_sequence(base, method, cfg.tasks, lr=lr, seed=seed, settings=cfg.settings)
             )
-            _write_json(results_path, results)
+            atomic_write_json(results_path, results)
     return render(results, out, cfg.methods, cfg.tasks)
 
 
@@ -317,7 +313,7 @@ def render(
     out = Path(out)
     summary = summarize(results["runs"], methods)
     results["summary"] = summary
-    _write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "table.md", format_table(summary) + "\n")
     if summary:
         plot_retention(summary, tasks, out / "retention.png")

@@ -28,10 +28,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["RUN_RECORD", "recipe_identity"]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_json(path, data)
-
-
 #: Written into output_dir when a run starts: which recipe this folder's progress is of.
 RUN_RECORD = "secura_run.json"
 
@@ -100,7 +96,7 @@ def _claim_output_dir(out: Path, recipe: Recipe, resume: bool | None) -> bool:
             f"{out} holds outputs of a run without a {RUN_RECORD} record; pass --resume to "
             "continue it with this recipe, or choose another output_dir",
         )
-    _write_json(record_path, {"format": 1, "recipe_sha256": digest, "recipe": identity})
+    atomic_write_json(record_path, {"format": 1, "recipe_sha256": digest, "recipe": identity})
     return bool(resume)
 
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._fs import atomic_write_json
 from ..errors import SecuraConfigError
 from ..sequence import SequenceHooks, SequenceTask, TaskRun, calibration_batches, train_sequence
 from .fields import _reprefix
-from .rundir import _claim_output_dir, _clean_task_dir, _writable_output_dir, _write_json
+from .rundir import _claim_output_dir, _clean_task_dir, _writable_output_dir
 from .schema import ModelSpec, Recipe
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def run_recipe(
     if all(t.evaluate is not None for t in tasks):
         results.update(matrix.summary())
     results["adapter"] = str(out / "adapter")
-    _write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     return results
 
 
@@ -291,7 +292,7 @@ class _RecipeHooks(SequenceHooks):
             "replay_rows": run.replayed,
             "ewc_tasks": self.ewc.num_tasks if self.ewc is not None else 0,
         }
-        _write_json(self._dir(run) / "metrics.json", done)
+        atomic_write_json(self._dir(run) / "metrics.json", done)
         self.results["tasks"].append(done)
 
 
