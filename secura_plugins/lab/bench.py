@@ -42,7 +42,7 @@ from .base import BaseSpec, pretrain_base
 from .data import TASK_ORDER, task_sequence
 from .real import REAL_DEFAULT_LRS, RealSpec, real_base
 from .report import format_table, plot_frontier, plot_retention, summarize
-from .runner import METHODS, RunSettings, method_spec, run_sequence
+from .runner import RunSettings, method_spec, run_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,10 @@ class LabConfig:
     out: str = "results/lab"
     cache_dir: str | None = None
     threads: int | None = 1
+    #: Overrides of the keep preset's fields for every ``<method>+keep`` method.
+    keep: dict[str, Any] = field(default_factory=dict)
+    #: Also measure each run's final model with its update scaled by these (0 < alpha).
+    alphas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         real = isinstance(self.base, RealSpec)
@@ -120,7 +124,10 @@ class LabConfig:
         if not self.methods:
             raise SecuraConfigError("methods", "give at least one method")
         for name in self.methods:
-            method_spec(name)
+            method_spec(name, self.keep)
+        for alpha in self.alphas:
+            if not alpha > 0:
+                raise SecuraConfigError("alphas", f"must be > 0 (0 is the base), got {alpha}")
         if not self.seeds:
             raise SecuraConfigError("seeds", "give at least one seed")
         if not 0 < self.match <= 1:
@@ -253,7 +260,7 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
                 logger.warning("the base recalls only %.3f of its knowledge", base.recall)
             base_info = {"path": str(base.path), "recall": base.recall, "steps": base.steps}
         results: dict[str, Any] = {"config": config, "base": base_info, "sweep": [], "runs": []}
-        families = list(dict.fromkeys(method_spec(m).family for m in cfg.methods))
+        families = list(dict.fromkeys(method_spec(m, cfg.keep).family for m in cfg.methods))
         if cfg.sweep:
             done = {(s["family"], s["lr"]): s for s in previous.get("sweep", [])}
             jobs = [(f, lr) for f in families for lr in cfg.grid_for(f)]
@@ -264,7 +271,7 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
                     continue
                 rec = run_sequence(
                     base,
-                    METHODS[family],
+                    method_spec(family, cfg.keep),
                     sweep_tasks,
                     lr=lr,
                     seed=cfg.seeds[0],
@@ -285,22 +292,26 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
             picked = _pick_lrs(results["sweep"], cfg.match)
             cfg.lrs = {**picked, **cfg.lrs}
         results["lrs"] = {f: cfg.lr_for(f) for f in families}
+        def run_key(name: str, seed: int, lr: float, tasks: Any, keep: Any) -> tuple:
+            return (name, seed, lr, tuple(tasks), json.dumps(keep, sort_keys=True))
+
         done_runs = {
-            (r["method"], r["seed"], r["lr"], tuple(r["tasks"])): r
+            run_key(r["method"], r["seed"], r["lr"], r["tasks"], r.get("keep")): r
             for r in previous.get("runs", [])
         }
         jobs = [] if cfg.sweep_only else [(m, s) for m in cfg.methods for s in cfg.seeds]
         bar = tqdm(jobs, desc="lab runs", disable=not progress)
         for name, seed in bar:
-            method = method_spec(name)
+            method = method_spec(name, cfg.keep)
             lr = cfg.lr_for(method.family)
             bar.set_postfix_str(f"{name} seed {seed}")
-            key = (name, seed, lr, tuple(cfg.tasks))
+            key = run_key(name, seed, lr, cfg.tasks, method.keep)
             if key in done_runs:
                 results["runs"].append(done_runs[key])
                 continue
             results["runs"].append(
-                run_sequence(base, method, cfg.tasks, lr=lr, seed=seed, settings=cfg.settings)
+                run_sequence(base, method, cfg.tasks, lr=lr, seed=seed, settings=cfg.settings,
+                             alphas=tuple(cfg.alphas))
             )
             atomic_write_json(results_path, results)
     return render(results, out, cfg.methods, cfg.tasks)

@@ -18,6 +18,9 @@ import argparse
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from ..errors import SecuraConfigError
 
@@ -85,6 +88,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="FAMILY=LR",
         help="fix a family's learning rate, e.g. --lr secura=0.01 (repeatable)",
+    )
+    p.add_argument(
+        "--keep-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a keep preset field for every <method>+keep, e.g. --keep-set "
+        "kl_mode=cached (repeatable; the value is read as YAML)",
+    )
+    p.add_argument(
+        "--alphas",
+        help="comma list: also measure each run's final model with its update scaled by "
+        "each alpha (what `secura merge --scale` exports), e.g. 0.9,0.8",
     )
     p.add_argument("--out", default="results/lab", help="results folder (default results/lab)")
     p.add_argument(
@@ -154,6 +170,21 @@ def _config(args: argparse.Namespace, **fixed):
         kwargs["lr_grid"] = {**grids, "": shared} if grids and shared else grids or shared
         if isinstance(kwargs["lr_grid"], dict) and "" in kwargs["lr_grid"]:
             raise SecuraConfigError("--lr-grid", "give either one shared grid or per-family grids")
+    keep: dict[str, Any] = {}
+    for item in getattr(args, "keep_set", []) or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise SecuraConfigError("--keep-set", f"expected FIELD=VALUE, got {item!r}")
+        keep[name.strip()] = yaml.safe_load(value)
+    if keep:
+        kwargs["keep"] = keep
+    if getattr(args, "alphas", None):
+        try:
+            kwargs["alphas"] = tuple(float(a) for a in args.alphas.split(",") if a.strip())
+        except ValueError:
+            raise SecuraConfigError(
+                "--alphas", f"expected comma-separated numbers, got {args.alphas!r}"
+            ) from None
     if getattr(args, "sweep", False) or getattr(args, "sweep_only", False):
         kwargs["sweep"] = True
         kwargs["sweep_only"] = getattr(args, "sweep_only", False)

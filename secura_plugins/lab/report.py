@@ -53,8 +53,27 @@ def summarize(records: list[dict[str, Any]], methods: Sequence[str]) -> list[dic
             row["first_learned"] = mean_sd([r["matrix"][0][0] for r in recs])
             row["first_kept"] = mean_sd([r["retention"][0] for r in recs])
             row["first_nll_rise"] = mean_sd([r["nll_rise"][0] for r in recs])
+        untouched = [r["kept_untouched"][-1] for r in recs if r.get("kept_untouched")]
+        if len(untouched) == len(recs) and None not in untouched:
+            row["kept_untouched"] = mean_sd(untouched)
+        if all(r.get("alphas") for r in recs):
+            row["alphas"] = {
+                alpha: {
+                    key: mean_sd([_alpha_value(r["alphas"][alpha], key) for r in recs])
+                    for key in ("accuracy", "retention", "nll_rise", "kept_untouched")
+                    if all(r["alphas"][alpha].get(key) is not None for r in recs)
+                }
+                for alpha in recs[0]["alphas"]
+                if all(alpha in r["alphas"] for r in recs)
+            }
         rows.append(row)
     return rows
+
+
+def _alpha_value(measures: dict[str, Any], key: str) -> float:
+    """One measure at one alpha; ``accuracy`` (every task's) as its mean: the final ACC."""
+    value = measures[key]
+    return sum(value) / len(value) if key == "accuracy" else value
 
 
 def _pm(value: tuple[float, float], scale: float = 100.0, digits: int = 1) -> str:
@@ -100,6 +119,23 @@ def _real_table(rows: list[dict[str, Any]]) -> str:
             f"| {_pm(r['avg_accuracy'])} | {_pm(r['bwt'])} | {_pm(r['retention'])} "
             f"| {_pm(r['nll_rise'], 1.0, 3)} | {r['step_seconds']:.2f} | {r['seeds']} |"
         )
+    scaled = [(r, a, m) for r in rows for a, m in (r.get("alphas") or {}).items()]
+    if scaled or any("kept_untouched" in r for r in rows):
+        lines += ["", "The final model, its update scaled by alpha (1 = as trained; "
+                  "kept (untouched): probe items no rehearsal row mentions):", "",
+                  "| method | alpha | ACC % | known kept % | kept (untouched) % | NLL rise |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            last = {"accuracy": r["avg_accuracy"], "retention": r["retention"],
+                    "nll_rise": r["nll_rise"]}
+            if "kept_untouched" in r:
+                last["kept_untouched"] = r["kept_untouched"]
+            for alpha, m in [("1", last)] + [(a, m) for q, a, m in scaled if q is r]:
+                kept = _pm(m["kept_untouched"]) if "kept_untouched" in m else "-"
+                lines.append(
+                    f"| {r['method']} | {alpha} | {_pm(m['accuracy'])} | {_pm(m['retention'])} "
+                    f"| {kept} | {_pm(m['nll_rise'], 1.0, 3)} |"
+                )
     return "\n".join(lines)
 
 

@@ -25,7 +25,10 @@ Methods (:data:`METHODS`) are named, e.g. ``lora``, ``secura``, ``secura-m2``,
 ``lora+ewc``; ``+replay`` replays earlier *tasks'* rows; ``+replay-base`` also puts the
 base-knowledge pairs in the buffer first (privileged: it needs the pretraining data).
 SC-LoRA's "preserve" calibration data are the base-knowledge pairs (also privileged,
-by that method's design).
+by that method's design), except for ``sclora+keep``: its preserve side is the first
+task's self-rehearsal rows, written by the base before the adapter exists (no
+privileged data). ``alphas`` measures the final model again with its update scaled
+(:func:`~secura_plugins.keep.scale_update`, what ``secura merge --scale`` exports).
 
 Example:
     >>> from secura_plugins.lab.runner import METHODS, method_spec
@@ -49,96 +52,14 @@ import torch
 from ..sequence import SequenceHooks, TaskRun
 from .base import BaseModel
 from .data import task_pairs
+from .methods import EWC_LAMBDA, METHODS, REPLAY_RATIO, MethodSpec, method_spec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "MethodSpec", "RunSettings", "method_spec", "run_sequence"]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A compared method: an adapter (``None`` = full fine-tuning) plus continual extras."""
-
-    name: str
-    family: str
-    adapter: dict[str, Any] | None = None
-    ewc: float | None = None
-    replay: float | None = None
-    replay_base: bool = False
-    #: A :data:`~secura_plugins.keep.KEEP_PRESETS` name: self-rehearsal + KL anchor.
-    keep: str | None = None
-
-
-#: EWC strength. The Fisher of these tiny models' parameters is 1e-10..1e-4, so lambda
-#: must be large for the penalty to matter at all.
-EWC_LAMBDA = 1e6
-REPLAY_RATIO = 0.2
-
-_R = 8
-_SECURA = {"method": "secura", "r": _R}
-
-
-def _m(name: str, family: str, adapter: dict[str, Any] | None, **kw: Any) -> MethodSpec:
-    return MethodSpec(name, family, adapter, **kw)
-
-
-METHODS: dict[str, MethodSpec] = {
-    m.name: m
-    for m in [
-        _m("full", "full", None),
-        _m("lora", "lora", {"method": "lora", "r": _R}),
-        _m("dora", "dora", {"method": "dora", "r": _R}),
-        _m("curlora", "curlora", {"method": "curlora", "r": _R}),
-        _m("sclora", "sclora", {"method": "sclora", "r": _R}),
-        _m("secura", "secura", dict(_SECURA)),
-        _m("secura-m2", "secura-m2", {**_SECURA, "merge": "m2"}),
-        _m("secura-released", "secura-released", {**_SECURA, "smagnorm": "released"}),
-        _m("secura-off", "secura-off", {**_SECURA, "smagnorm": "off"}),
-        _m("secura-nomerge", "secura-nomerge", {**_SECURA, "merge": "none"}),
-        _m("secura-r16", "secura-r16", {**_SECURA, "r": 16}),
-        _m("lora+ewc", "lora", {"method": "lora", "r": _R}, ewc=EWC_LAMBDA),
-        _m("lora+replay", "lora", {"method": "lora", "r": _R}, replay=REPLAY_RATIO),
-        _m(
-            "lora+replay-base",
-            "lora",
-            {"method": "lora", "r": _R},
-            replay=REPLAY_RATIO,
-            replay_base=True,
-        ),
-        _m("secura+ewc", "secura", dict(_SECURA), ewc=EWC_LAMBDA),
-        _m("secura+replay", "secura", dict(_SECURA), replay=REPLAY_RATIO),
-    ]
-}
-
-
-def method_spec(name: str) -> MethodSpec:
-    """The :class:`MethodSpec` called ``name`` (a clear error lists the choices).
-
-    ``<method>+keep`` (or ``+rehearsal-only``) adds the :mod:`secura_plugins.keep` tools
-    (the base's self-rehearsal and the KL anchor to it) to any adapter method."""
-    from ..keep import KEEP_PRESETS
-
-    stem, _, preset = name.rpartition("+")
-    if stem in METHODS and preset in KEEP_PRESETS:
-        if METHODS[stem].adapter is None:
-            from ..errors import SecuraConfigError
-
-            raise SecuraConfigError(
-                "--methods",
-                f"{name!r}: keep needs an adapter (it disables it to ask the "
-                f"base); use it with one of {', '.join(m for m in METHODS if METHODS[m].adapter)}",
-            )
-        return dataclasses.replace(METHODS[stem], name=name, keep=preset)
-    if name not in METHODS:
-        from ..errors import SecuraConfigError, did_you_mean
-
-        fix = did_you_mean(name, list(METHODS))
-        raise SecuraConfigError(
-            "--methods",
-            f"unknown lab method {name!r}; {fix}choose from {', '.join(METHODS)} "
-            f"(any adapter method also as <method>+{'|+'.join(KEEP_PRESETS)})",
-        )
-    return METHODS[name]
+__all__ = [
+    "EWC_LAMBDA", "METHODS", "REPLAY_RATIO", "MethodSpec", "RunSettings", "method_spec",
+    "run_sequence",
+]
 
 
 @dataclass
@@ -231,8 +152,11 @@ def run_sequence(
     seed: int = 0,
     settings: RunSettings | None = None,
     work_dir: str | Path | None = None,
+    alphas: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """Train ``method`` on ``tasks`` in order from ``base``; return the measured record."""
+    """Train ``method`` on ``tasks`` in order from ``base``; return the measured record
+    (with ``alphas``, also ``record["alphas"]``: the final model's measures with its
+    update scaled by each alpha)."""
     from transformers import set_seed
 
     from ..config import AdapterConfig
@@ -260,7 +184,7 @@ def run_sequence(
     if real:  # the probe holds only items the base answers: its score is 1.0 by construction
         base_probe = {"accuracy": base.recall}
         base_extra = {"nll": base.base_nll}  # measured on this base when the probe was filtered
-    config = None
+    config, first_keep = None, None
     if method.adapter is not None:
         config = AdapterConfig.from_dict({**method.adapter, "seed": seed})
         data = {}
@@ -270,6 +194,13 @@ def run_sequence(
                 "positive": calibration_batches([p + a for p, a in first], tok),
                 "negative": calibration_batches([p + a for p, a in knowledge], tok),
             }
+            if method.keep:  # preserve what the base itself writes, not the probe
+                from ..keep import Keep
+
+                first_keep = Keep(method.keep, exclude=[p for p, _ in knowledge], progress=False)
+                rows = _train_rows(base, tasks[0], settings, seed, tok, flat=bool(method.replay))
+                first_keep.ensure_rows(model, tok, rows)
+                data["negative"] = first_keep.negative_batches(tok)
         model = apply_adapter(model, config, **data)
     params = count_parameters(model)
     if not real:
@@ -291,6 +222,7 @@ def run_sequence(
         "seed": seed,
         "lr": lr,
         "tasks": list(tasks),
+        "keep": method.keep,
         "trainable_params": params["trainable"],
         "base_probe": base_probe["accuracy"],
         "probe": [],
@@ -310,9 +242,12 @@ def run_sequence(
         hooks.ewc, hooks.buffer, hooks.probe, hooks.tok = ewc, buffer, probe, tok
         hooks.exclude = [p for p, _ in knowledge]  # rehearsal never asks the probe
         hooks.adapted = config is not None
+        hooks.first_keep = first_keep
         train_sequence(
             model, tok, sequence, hooks, ewc=ewc, replay=buffer, matrix=matrix, print_logs=False
         )
+        if alphas and config is not None and config.adapter_method.scalable_update:
+            record["alphas"] = {str(a): hooks.at_alpha(model, a, sequence) for a in alphas}
     record["matrix"] = matrix.a
     record.update(matrix.summary())
     record["learning_accuracy"] = sum(matrix.a[i][i] for i in range(len(tasks))) / len(tasks)
@@ -347,6 +282,7 @@ class _LabHooks(SequenceHooks):
     exclude: list[str] = field(default_factory=list)
     state_bytes: int = 0
     keeps: list[Any] = field(default_factory=list)  # each task's Keep (its rehearsal rows)
+    first_keep: Any = None  # the first task's Keep, when written before the adapter (SC-LoRA)
 
     def args(self, run: TaskRun) -> Any:
         from trl import SFTConfig
@@ -386,7 +322,8 @@ class _LabHooks(SequenceHooks):
             return []
         keep = None
         if self.method.keep:  # a fresh Keep per task: the base rehearses each task's shapes
-            keep = Keep(self.method.keep, exclude=self.exclude, progress=False)
+            keep = self.first_keep if run.index == 0 and self.first_keep else Keep(
+                self.method.keep, exclude=self.exclude, progress=False)
             self.keeps.append(keep)
         return [SecuraCallback(ewc=self.ewc, replay=self.buffer, keep=keep)]
 
@@ -430,6 +367,31 @@ class _LabHooks(SequenceHooks):
             [round(v, 3) for v in self.matrix.a[i][: i + 1]],
             record["retention"][-1],
         )
+
+    def at_alpha(self, model: Any, alpha: float, sequence: list[Any]) -> dict[str, Any]:
+        """Accuracy on every task, known kept and NLL rise with the update scaled by
+        ``alpha`` (the model is scaled back afterwards)."""
+        from ..keep import scale_update
+
+        scale_update(model, alpha)
+        try:
+            out: dict[str, Any] = {"accuracy": [task.evaluate(model) for task in sequence]}
+            if not isinstance(self.base, BaseModel):
+                scores = self.base.measure(model, self.tok)
+                out.update(retention=scores["known_kept"],
+                           nll_rise=scores["nll"] - self.record["base_nll"])
+                if self.method.keep:
+                    from .real import kept_untouched
+
+                    rows = [r for keep in self.keeps for r in keep.rows or []]
+                    out["kept_untouched"] = kept_untouched(
+                        self.base.probe, scores["known_hits"], rows)[1]
+            else:
+                out["retention"] = self.probe.evaluate(model)["accuracy"] / self.record[
+                    "base_probe"]
+        finally:
+            scale_update(model, 1.0 / alpha)
+        return out
 
     def _kept_untouched(self, known_hits: dict[str, list[bool]]) -> None:
         """Record the retention on probe items no rehearsal row so far mentions."""
