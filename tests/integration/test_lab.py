@@ -105,6 +105,38 @@ def test_keep_variant_of_a_lab_method_rehearses_and_anchors(lab_cache, tmp_path)
         method_spec("full+keep")
 
 
+def test_sclora_keep_preserves_the_rehearsal_and_alphas_rescale(lab_cache, tmp_path, monkeypatch):
+    """``sclora+keep`` gets its preserve side from the base's own rehearsal rows (written
+    before the adapter exists, then trained on as the first task's rehearsal), not from
+    the probe; ``alphas`` measures the final model scaled and leaves it as trained."""
+    from secura_plugins.keep import Keep
+    from secura_plugins.lab.runner import RunSettings, method_spec, run_sequence
+
+    base = pretrain_base(LabConfig.quick().base, cache_dir=lab_cache, progress=False)
+    seen: list[tuple[int, int]] = []
+    real_negative = Keep.negative_batches
+
+    def spy(self, tokenizer, batch_size=8):
+        seen.append((id(self), len(self.rows or [])))
+        return real_negative(self, tokenizer, batch_size)
+
+    monkeypatch.setattr(Keep, "negative_batches", spy)
+    settings = RunSettings(steps=3, n_train=16, n_eval=8)
+    run = {"tasks": ["first"], "lr": 1e-2, "settings": settings, "work_dir": tmp_path}
+    rec = run_sequence(base, method_spec("sclora+keep", {"rehearsal": 8}), alphas=(0.0001, 1.0),
+                       **run)
+    assert len(seen) == 1 and seen[0][1] > 0  # one Keep wrote rows, and they calibrated
+    assert rec["keep"] == {"preset": "keep", "rehearsal": 8}
+    scaled, same = rec["alphas"]["0.0001"], rec["alphas"]["1.0"]
+    # alpha 1 re-measures the trained model; alpha ~0 is (almost) the base: all kept.
+    assert same["accuracy"] == [rec["matrix"][0][0]] and same["retention"] == rec["retention"][-1]
+    assert scaled["retention"] == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(SecuraConfigError, match="alphas"):
+        LabConfig.quick(alphas=(0.0,))
+    with pytest.raises(SecuraConfigError, match="keep.kl_mod"):
+        method_spec("lora+keep", {"kl_mod": "cached"})
+
+
 def test_pick_lrs_rule():
     sweep = [
         {"family": "a", "lr": 1e-3, "learning_accuracy": 0.5},
