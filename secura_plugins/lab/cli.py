@@ -98,6 +98,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "kl_mode=cached (repeatable; the value is read as YAML)",
     )
     p.add_argument(
+        "--keep-equal-task-rows",
+        action="store_true",
+        help="give each <method>+keep steps / (1 - keep ratio) optimizer steps, so it trains "
+        "on as many task rows as the other methods (its rehearsal rows fill the rest)",
+    )
+    p.add_argument(
         "--alphas",
         help="comma list: also measure each run's final model with its update scaled by "
         "each alpha (what `secura merge --scale` exports), e.g. 0.9,0.8",
@@ -200,6 +206,8 @@ def _config(args: argparse.Namespace, **fixed):
         raise SecuraConfigError("--four-bit", "needs --base real (the tiny base is fp32 only)")
     else:
         cfg = LabConfig.quick(**kwargs) if args.quick else LabConfig(**kwargs)
+    if getattr(args, "keep_equal_task_rows", False):
+        cfg.settings.keep_equal_task_rows = True
     if args.steps is not None:
         if args.steps < 1:
             raise SecuraConfigError("--steps", f"must be >= 1, got {args.steps}")

@@ -74,6 +74,9 @@ class RunSettings:
     lr_scheduler: str = "linear"
     max_length: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``<method>+keep`` trains ``steps / (1 - keep ratio)`` steps, so that it sees as many
+    #: task rows as the other methods (its rehearsal rows take the rest of each batch).
+    keep_equal_task_rows: bool = False
 
 
 def _rows(pairs: list[tuple[str, str]] | list[dict[str, Any]]):
@@ -291,17 +294,22 @@ class _LabHooks(SequenceHooks):
         from ..keep import KeepConfig
 
         extra = dict(settings.extra)
-        if self.method.keep and KeepConfig.coerce(self.method.keep).anchors:
-            extra.setdefault("loss_type", "nll")  # the KL anchor needs the logits
+        steps = settings.steps
+        if self.method.keep:
+            keep = KeepConfig.coerce(self.method.keep)
+            if keep.anchors:
+                extra.setdefault("loss_type", "nll")  # the KL anchor needs the logits
+            if settings.keep_equal_task_rows:
+                steps = math.ceil(steps / (1.0 - keep.ratio))
         return SFTConfig(
             output_dir=str(self.tmp / f"task-{run.index}"),
-            max_steps=settings.steps,
+            max_steps=steps,
             per_device_train_batch_size=settings.batch_size,
             learning_rate=self.lr,
             lr_scheduler_type=settings.lr_scheduler,
             warmup_steps=0,
             weight_decay=0.0,
-            logging_steps=max(1, settings.steps // 4),
+            logging_steps=max(1, steps // 4),
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
@@ -331,6 +339,7 @@ class _LabHooks(SequenceHooks):
         trainer, record = run.trainer, self.record
         steps = max(trainer.state.global_step, 1)
         record["step_seconds"].append(run.output.metrics["train_runtime"] / steps)
+        record.setdefault("steps", []).append(trainer.state.global_step)
         record["train_loss"].append(run.output.training_loss)
         self.state_bytes = max(self.state_bytes, _state_bytes(trainer.model, trainer.optimizer))
         if self.method.keep:

@@ -126,11 +126,17 @@ def test_sclora_keep_preserves_the_rehearsal_and_alphas_rescale(lab_cache, tmp_p
     rec = run_sequence(base, method_spec("sclora+keep", {"rehearsal": 8}), alphas=(0.0001, 1.0),
                        **run)
     assert len(seen) == 1 and seen[0][1] > 0  # one Keep wrote rows, and they calibrated
+    assert rec["steps"] == [3]
     assert rec["keep"] == {"preset": "keep", "rehearsal": 8}
     scaled, same = rec["alphas"]["0.0001"], rec["alphas"]["1.0"]
     # alpha 1 re-measures the trained model; alpha ~0 is (almost) the base: all kept.
     assert same["accuracy"] == [rec["matrix"][0][0]] and same["retention"] == rec["retention"][-1]
     assert scaled["retention"] == pytest.approx(1.0, abs=0.05)
+    equal = dict(run, settings=RunSettings(steps=3, n_train=16, n_eval=8,
+                                           keep_equal_task_rows=True))
+    # ratio 0.5: twice the steps, so as many task rows as a method without rehearsal
+    assert run_sequence(base, method_spec("lora+keep", {"rehearsal": 4}), **equal)["steps"] == [6]
+    assert run_sequence(base, method_spec("lora"), **equal)["steps"] == [3]
     with pytest.raises(SecuraConfigError, match="alphas"):
         LabConfig.quick(alphas=(0.0,))
     with pytest.raises(SecuraConfigError, match="keep.kl_mod"):
