@@ -29,6 +29,7 @@ KL_MODES = ("in_step", "cached")
 FORMATS = ("auto", "plain", "chat")
 REHEARSAL_LOSSES = ("ce", "kl")
 KL_POSITIONS = ("answer", "all")
+GENERIC_FORMATS = ("task", "plain")
 
 #: Named settings. ``keep`` is the library's recommendation, chosen on the real-model lab
 #: (BENCHMARKS.md, "Keep what the base knew"; 16 new facts, 2 seeds): rehearsal plus the
@@ -88,6 +89,11 @@ class KeepConfig:
         batch_size: prompts generated per ``generate`` call.
         format: ``plain`` prompts, ``chat`` (the tokenizer's chat template), or ``auto``
             (chat when the task's rows are conversations).
+        generic_format: on a chat task, how the generic rows are written and trained:
+            ``task`` (through the chat template, like the task-shaped rows) or ``plain``
+            (plain text, the base continuing and answering in prose: what anchors the
+            model's plain-text knowledge and general language while a chat task trains;
+            on a training set that is not tokenized yet, rows are conversations anyway).
         seed: seed of every random choice of the generation.
     """
 
@@ -107,6 +113,7 @@ class KeepConfig:
     top_p: float = 0.9
     batch_size: int = 16
     format: str = "auto"
+    generic_format: str = "task"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -148,6 +155,9 @@ class KeepConfig:
             raise bad("max_row_tokens", f"must be >= 4 (a prompt and an answer), got {rows}")
         if self.format not in FORMATS:
             raise bad("format", f"must be one of {FORMATS}, got {self.format!r}")
+        if self.generic_format not in GENERIC_FORMATS:
+            raise bad("generic_format",
+                      f"must be one of {GENERIC_FORMATS}, got {self.generic_format!r}")
         if self.rehearsal == 0 and self.kl_lambda > 0 and not self.kl_on_task:
             raise bad(
                 "kl_lambda",

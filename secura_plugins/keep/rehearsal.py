@@ -56,6 +56,7 @@ __all__ = [
     "load_rehearsal",
     "normalize_prompt",
     "row_budget",
+    "row_is_chat",
     "save_rehearsal",
 ]
 
@@ -152,7 +153,8 @@ def generate_rehearsal(
 
     ``kind`` is ``"task"`` or ``"generic"``. ``exclude``: prompts that must never be
     produced (evaluation probes); the task's own prompts are excluded too. With ``chat``
-    the prompts are answered through the tokenizer's chat template. The model is put in
+    the prompts are answered through the tokenizer's chat template (the generic ones in
+    plain text with ``config.generic_format: plain``, see :func:`row_is_chat`). The model is put in
     eval mode for the generation and its mode restored afterwards. ``row_tokens``: the
     bound on a row's prompt + answer tokens (0: none); by default ``config.max_row_tokens``,
     whose ``"task"`` is resolved here as the longest task prompt + 4 tokens (``Keep``
@@ -197,7 +199,9 @@ def generate_rehearsal(
                     fresh.append((kind, prompt))
                 if not fresh:
                     continue
-                inputs = [_chat_prompt(tokenizer, p) if chat else p for _, p in fresh]
+                in_chat = [row_is_chat(k, chat, config) for k, _ in fresh]
+                inputs = [_chat_prompt(tokenizer, p) if c else p
+                          for (_, p), c in zip(fresh, in_chat)]
                 room = [budget - len(_tokens(tokenizer, p)) if budget else 0 for _, p in fresh]
                 new_tokens = config.max_new_tokens
                 if budget:
@@ -206,11 +210,11 @@ def generate_rehearsal(
                     model, tokenizer, inputs, max_new_tokens=new_tokens,
                     sample=False, config=config, seed=seed,
                 )
-                for (kind, prompt), answer, left in zip(fresh, answers, room):
+                for (kind, prompt), answer, left, c in zip(fresh, answers, room, in_chat):
                     if budget:  # a prefix of the greedy answer: still the base's text
                         answer = tokenizer.decode(_tokens(tokenizer, answer)[:left])
                     # One sentence: short rows keep padded batches (and step time) small.
-                    answer = answer if chat else _first_sentence(answer)
+                    answer = answer if c else _first_sentence(answer)
                     if not answer.strip():
                         quota[kind] += 1
                         continue
@@ -222,6 +226,21 @@ def generate_rehearsal(
         bar.close()
         model.train(was_training)
     return rows
+
+
+def row_is_chat(kind: str, chat: bool, config: KeepConfig) -> bool:
+    """Whether a rehearsal row of ``kind`` goes through the chat template: on a chat task
+    every row does, except generic ones with ``generic_format: plain``.
+
+    Example:
+        >>> from secura_plugins.keep import KeepConfig
+        >>> plain = KeepConfig(generic_format="plain")
+        >>> row_is_chat("generic", True, plain), row_is_chat("task", True, plain)
+        (False, True)
+        >>> row_is_chat("generic", True, KeepConfig()), row_is_chat("generic", False, plain)
+        (True, False)
+    """
+    return chat and not (kind == "generic" and config.generic_format == "plain")
 
 
 def row_budget(config: KeepConfig, tokenizer: Any, task_prompts: list[str]) -> int:

@@ -45,6 +45,7 @@ from .rehearsal import (
     generate_rehearsal,
     load_rehearsal,
     row_budget,
+    row_is_chat,
     save_rehearsal,
 )
 
@@ -155,8 +156,11 @@ class Keep:
             json.dumps([sorted(self.task_prompts or []), sorted(self.exclude)]).encode()
         ).hexdigest()[:16]
         keys = ("rehearsal", "generic_share", "max_new_tokens", "temperature", "top_p", "seed")
-        return {**{k: getattr(self.config, k) for k in keys}, "prompts": digest, "chat": self.chat,
-                "row_tokens": self.row_tokens}
+        out = {**{k: getattr(self.config, k) for k in keys}, "prompts": digest, "chat": self.chat,
+               "row_tokens": self.row_tokens}
+        if self.config.generic_format != "task":  # older run folders' settings stay valid
+            out["generic_format"] = self.config.generic_format
+        return out
 
     def ensure_rows(
         self, model: Any, tokenizer: Any, dataset: Any = None, *,
@@ -215,7 +219,7 @@ class Keep:
         out = []
         eos = tokenizer.eos_token_id
         for row in self.rows or []:
-            if self.chat:
+            if row_is_chat(row.get("kind", "task"), bool(self.chat), self.config):
                 user = [{"role": "user", "content": row["prompt"]}]
                 prompt_ids = list(tokenizer.apply_chat_template(
                     user, tokenize=True, add_generation_prompt=True, return_dict=False))

@@ -328,3 +328,42 @@ def test_rehearsal_mixes_into_a_conversational_dataset(tmp_path):
                                                  trainer.train_dataset["input_ids"]} & cb.keep.keys
     row = next(r for r in trainer.train_dataset if tuple(r["input_ids"]) in cb.keep.keys)
     assert row["prompt"][0]["role"] == "user" and row["completion"][0]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("generic_format", ["task", "plain"])
+def test_generic_rows_can_stay_plain_text_on_a_chat_task(generic_format, monkeypatch):
+    """On a chat task, ``generic_format: plain`` writes and trains the generic rows as
+    plain text (the base's prose), while task-shaped rows keep the chat template."""
+    from secura_plugins.keep import rehearsal
+
+    tok = build_tokenizer()
+    # seed 2: this random tiny model writes both kinds of rows (the kinds are checked)
+    config = KeepConfig(rehearsal=8, generic_share=0.5, max_new_tokens=4, max_row_tokens=0,
+                        generic_format=generic_format, seed=2)
+    templated: list[str] = []
+    real_chat_prompt = rehearsal._chat_prompt
+
+    def spy(tokenizer, prompt):
+        templated.append(prompt)
+        return real_chat_prompt(tokenizer, prompt)
+
+    monkeypatch.setattr(rehearsal, "_chat_prompt", spy)
+    rows = generate_rehearsal(build_tiny_model(vocab_size=len(tok)), tok, ["1+2=", "3+4="],
+                              config, chat=True, progress=False)
+    kinds = {r["prompt"]: r["kind"] for r in rows}
+    assert templated and {"task", "generic"} <= set(kinds.values())
+    asked_generic = {p for p in templated if kinds.get(p) == "generic"}
+    assert bool(asked_generic) is (generic_format == "task")
+
+    keep = Keep(config, rows=[{"prompt": "1+1", "completion": "2", "kind": "task"},
+                              {"prompt": "9+9", "completion": "18", "kind": "generic"}],
+                progress=False)
+    keep.chat = True
+    task_row, generic_row = keep.tokenized(tok)
+    chat_ids = list(tok.apply_chat_template(
+        [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}],
+        tokenize=True, return_dict=False))
+    plain_ids = (tok("9+9")["input_ids"] + tok("18", add_special_tokens=False)["input_ids"]
+                 + [tok.eos_token_id])
+    assert task_row["input_ids"] == chat_ids
+    assert (generic_row["input_ids"] == plain_ids) is (generic_format == "plain")
