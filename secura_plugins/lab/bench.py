@@ -283,6 +283,8 @@ def run_lab(cfg: LabConfig, *, progress: bool = True) -> dict[str, Any]:
                     "tasks": sweep_tasks,
                     "learning_accuracy": rec["learning_accuracy"],
                     "retention": rec["retention"][-1],
+                    "step_seconds": sum(rec["step_seconds"]) / len(rec["step_seconds"]),
+                    "steps": rec.get("steps"),
                 }
                 if "nll_rise" in rec:
                     point["nll_rise"] = rec["nll_rise"][-1]
