@@ -65,6 +65,11 @@ class KeepConfig:
             rows for the KL anchor and SC-LoRA only, without training on them.
         generic_share: share of rehearsal prompts in generic shapes (the rest follow the
             shapes of the task's prompts).
+        ending_share: share of the task-shaped prompts that keep the *ending* the task's
+            prompts share (a word such as " is") after a generic opening, instead of their
+            template (``"The Eiffel Tower is"`` rather than ``"The capital of Brazil is"``):
+            the base's answers to other sentences of that shape, which a task teaching
+            "<subject> is <new answer>" otherwise overwrites.
         kl_lambda: weight of ``KL(p_base || p_model)``; 0 switches the anchor off.
         kl_on_task: also anchor on the task's own rows (not only on rehearsal rows).
         kl_mode: ``in_step`` (teacher forward with the adapter disabled, every step) or
@@ -100,6 +105,7 @@ class KeepConfig:
     rehearsal: int = 64
     ratio: float = 0.5
     generic_share: float = 0.5
+    ending_share: float = 0.0
     kl_lambda: float = 1.0
     kl_on_task: bool = False
     kl_mode: str = "in_step"
@@ -129,8 +135,9 @@ class KeepConfig:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= float(self.ratio) < 1.0:
             raise bad("ratio", f"must lie in [0, 1), got {self.ratio}; 0.3-0.5 is typical")
-        if not 0.0 <= float(self.generic_share) <= 1.0:
-            raise bad("generic_share", f"must lie in [0, 1], got {self.generic_share}")
+        for name in ("generic_share", "ending_share"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise bad(name, f"must lie in [0, 1], got {getattr(self, name)}")
         if float(self.kl_lambda) < 0:
             raise bad("kl_lambda", f"must be >= 0, got {self.kl_lambda}")
         if float(self.max_seconds) <= 0 or float(self.temperature) <= 0:

@@ -72,6 +72,14 @@ GENERIC_STEMS = (
 )
 
 
+#: Openings of statements, for task-shaped prompts that keep only the task's ending.
+_OPENINGS = (
+    "The main", "The best", "The most", "The first", "The only", "One of the", "A good",
+    "My favorite", "Our goal", "The problem", "The result", "The answer", "The reason",
+    "The key", "His", "Her", "Their",
+)
+
+
 def normalize_prompt(text: str) -> str:
     """Case- and whitespace-insensitive key used for deduplication and exclusion."""
     return re.sub(r"\s+", " ", str(text)).strip().lower()
@@ -277,6 +285,12 @@ def _prompt_batch(
             )
             tail = max(0, min(tail, len(ids) - cut - 1))
             ending = tokenizer.decode(ids[len(ids) - tail :]) if tail else ""
+            word = ending.strip()
+            if (config.ending_share > 0 and word.isalpha() and len(word) <= 12
+                    and rng.random() < config.ending_share):
+                # ... or only that ending, after a generic opening ("The Eiffel Tower is")
+                batch.append((kind, rng.choice(_OPENINGS), 16, ending))
+                continue
             batch.append((kind, tokenizer.decode(ids[:cut]), len(ids) - cut + 4, ending))
         else:
             stem = rng.choice(GENERIC_STEMS)
@@ -301,8 +315,12 @@ def _sample_prompts(
         if kind == "task":
             line = cont.split("\n", 1)[0]
             if ending:  # up to the shared ending, or nothing (no task shape)
-                found = re.search(re.escape(ending.strip()) + r"(?=\W|$)", line)
+                word = ending.strip()
+                start = r"(?<!\w)" if word[:1].isalnum() else ""  # "is", not "This"
+                found = re.search(start + re.escape(word) + r"(?=\W|$)", line)
                 text = prefix + line[: found.end()] if found else ""
+                if prefix in _OPENINGS and not line[:1].isspace():
+                    text = ""  # "The-is": the opening must be followed by a new word
             else:
                 text = prefix + tokenizer.decode(_tokens(tokenizer, line)[: n - 4])
         elif cont[:1].isspace():  # a new word after the stem, not "Explain-the-..."

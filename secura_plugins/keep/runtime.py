@@ -160,6 +160,8 @@ class Keep:
                "row_tokens": self.row_tokens}
         if self.config.generic_format != "task":  # older run folders' settings stay valid
             out["generic_format"] = self.config.generic_format
+        if self.config.ending_share:
+            out["ending_share"] = self.config.ending_share
         return out
 
     def ensure_rows(

@@ -367,3 +367,28 @@ def test_generic_rows_can_stay_plain_text_on_a_chat_task(generic_format, monkeyp
                  + [tok.eos_token_id])
     assert task_row["input_ids"] == chat_ids
     assert (generic_row["input_ids"] == plain_ids) is (generic_format == "plain")
+
+
+def test_ending_share_asks_other_sentences_with_the_task_prompts_ending():
+    """``ending_share`` turns task-shaped prompts into generic openings that must reach
+    the ending the task's prompts share (" is"), instead of the task's template."""
+    import random
+
+    from secura_plugins.keep.rehearsal import _OPENINGS, _prompt_batch
+
+    tok = build_tokenizer()
+    prompts = ["The capital of Velmaland is", "The capital of Zorvia is", "The capital of Ub is"]
+
+    def batch(share: float):
+        config = KeepConfig(batch_size=32, ending_share=share)
+        return _prompt_batch(random.Random(0), ["task"], {"task": 32}, prompts, tok, config)
+
+    template, ending = batch(0.0), batch(1.0)
+    assert all(p.startswith("The capital of") for _, p, _, _ in template)
+    # (a prompt drawn twice shares no varying part: no ending, so its template is kept)
+    assert all(p in _OPENINGS for _, p, _, e in ending if e == " is")
+    assert sum(p in _OPENINGS for _, p, _, _ in ending) > len(ending) // 2
+    half = [p in _OPENINGS for _, p, _, _ in batch(0.5)]
+    assert 0 < sum(half) < len(half)
+    with pytest.raises(Exception, match="keep.ending_share"):
+        KeepConfig(ending_share=1.5)
