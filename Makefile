@@ -44,7 +44,7 @@ lock:
 	bash .ci/lock.sh trl-latest
 
 demo: setup
-	TQDM_DISABLE=1 $(VENV)/bin/secura demo --threads 2
+	TQDM_DISABLE=1 $(VENV)/bin/secura demo --threads 1
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -49,6 +49,7 @@ CONFIGS: dict[str, dict | None] = {
     "kl-only": {"ratio": 0.5, "kl_lambda": 1.0, "rehearsal_loss": "kl"},
     "kl-in-step-on-task": {"ratio": 0.5, "kl_lambda": 1.0, "kl_on_task": True},
     "kl-cached": {"ratio": 0.5, "kl_lambda": 1.0, "kl_mode": "cached"},
+    "kl-cached-free": {"ratio": 0.5, "kl_lambda": 1.0, "kl_mode": "cached"},
 }
 NAMES = ["Zorblat", "Quenvia", "Marthos", "Ildren", "Postavia", "Kelmar", "Orvandy", "Tesque"]
 CITIES = ["Vantor", "Elbrish", "Cordane", "Miralt", "Sunhold", "Pexa", "Drumond", "Yarrow"]
