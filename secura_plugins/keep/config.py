@@ -29,7 +29,7 @@ KL_MODES = ("in_step", "cached")
 FORMATS = ("auto", "plain", "chat")
 REHEARSAL_LOSSES = ("ce", "kl")
 KL_POSITIONS = ("answer", "all")
-GENERIC_FORMATS = ("task", "plain")
+GENERIC_FORMATS = ("task", "plain", "both")
 
 #: Named settings. ``keep`` is the library's recommendation, chosen on the real-model lab
 #: (BENCHMARKS.md, "Keep what the base knew"; 16 new facts, 2 seeds): rehearsal plus the
@@ -95,10 +95,11 @@ class KeepConfig:
         format: ``plain`` prompts, ``chat`` (the tokenizer's chat template), or ``auto``
             (chat when the task's rows are conversations).
         generic_format: on a chat task, how the generic rows are written and trained:
-            ``task`` (through the chat template, like the task-shaped rows) or ``plain``
+            ``task`` (through the chat template, like the task-shaped rows), ``plain``
             (plain text, the base continuing and answering in prose: what anchors the
-            model's plain-text knowledge and general language while a chat task trains;
-            on a training set that is not tokenized yet, rows are conversations anyway).
+            model's plain-text knowledge and general language while a chat task trains)
+            or ``both`` (every other generic row). Plain rows have kind ``"text"``; on a
+            training set that is not tokenized yet they are conversations anyway.
         seed: seed of every random choice of the generation.
     """
 

@@ -159,10 +159,10 @@ def generate_rehearsal(
     """Up to ``config.rehearsal`` rows ``{"prompt", "completion", "kind"}`` written by
     ``model`` with its adapter disabled (see the module docstring).
 
-    ``kind`` is ``"task"`` or ``"generic"``. ``exclude``: prompts that must never be
+    ``kind`` is ``"task"``, ``"generic"`` or ``"text"``. ``exclude``: prompts that must never be
     produced (evaluation probes); the task's own prompts are excluded too. With ``chat``
     the prompts are answered through the tokenizer's chat template (the generic ones in
-    plain text with ``config.generic_format: plain``, see :func:`row_is_chat`). The model is put in
+    plain text as ``"text"`` rows with ``config.generic_format``, see :func:`row_is_chat`). The model is put in
     eval mode for the generation and its mode restored afterwards. ``row_tokens``: the
     bound on a row's prompt + answer tokens (0: none); by default ``config.max_row_tokens``,
     whose ``"task"`` is resolved here as the longest task prompt + 4 tokens (``Keep``
@@ -181,7 +181,7 @@ def generate_rehearsal(
     was_training = model.training
     model.eval()
     bar = tqdm(total=want, desc="self-rehearsal", disable=not progress, unit="row")
-    attempts, batch_no = 0, 0
+    attempts, batch_no, n_generic = 0, 0, 0
     try:
         with adapter_disabled(model):
             while len(rows) < want and attempts < 8 * want:
@@ -204,13 +204,14 @@ def generate_rehearsal(
                         continue  # no room left for an answer
                     seen.add(key)
                     quota[kind] -= 1
-                    fresh.append((kind, prompt))
+                    fresh.append((kind, prompt, _row_kind(kind, chat, config, n_generic)))
+                    n_generic += kind == "generic"
                 if not fresh:
                     continue
-                in_chat = [row_is_chat(k, chat, config) for k, _ in fresh]
+                in_chat = [row_is_chat(final, chat) for _, _, final in fresh]
                 inputs = [_chat_prompt(tokenizer, p) if c else p
-                          for (_, p), c in zip(fresh, in_chat)]
-                room = [budget - len(_tokens(tokenizer, p)) if budget else 0 for _, p in fresh]
+                          for (_, p, _), c in zip(fresh, in_chat)]
+                room = [budget - len(_tokens(tokenizer, p)) if budget else 0 for _, p, _ in fresh]
                 new_tokens = config.max_new_tokens
                 if budget:
                     new_tokens = max(1, min(new_tokens, max(room)))
@@ -218,7 +219,7 @@ def generate_rehearsal(
                     model, tokenizer, inputs, max_new_tokens=new_tokens,
                     sample=False, config=config, seed=seed,
                 )
-                for (kind, prompt), answer, left, c in zip(fresh, answers, room, in_chat):
+                for (kind, prompt, final), answer, left, c in zip(fresh, answers, room, in_chat):
                     if budget:  # a prefix of the greedy answer: still the base's text
                         answer = tokenizer.decode(_tokens(tokenizer, answer)[:left])
                     # One sentence: short rows keep padded batches (and step time) small.
@@ -226,7 +227,7 @@ def generate_rehearsal(
                     if not answer.strip():
                         quota[kind] += 1
                         continue
-                    rows.append({"prompt": prompt, "completion": answer, "kind": kind})
+                    rows.append({"prompt": prompt, "completion": answer, "kind": final})
                     bar.update(1)
                     if len(rows) >= want:
                         break
@@ -236,19 +237,24 @@ def generate_rehearsal(
     return rows
 
 
-def row_is_chat(kind: str, chat: bool, config: KeepConfig) -> bool:
+def row_is_chat(kind: str, chat: bool) -> bool:
     """Whether a rehearsal row of ``kind`` goes through the chat template: on a chat task
-    every row does, except generic ones with ``generic_format: plain``.
+    every row does, except ``"text"`` rows (generic rows kept in plain text).
 
     Example:
-        >>> from secura_plugins.keep import KeepConfig
-        >>> plain = KeepConfig(generic_format="plain")
-        >>> row_is_chat("generic", True, plain), row_is_chat("task", True, plain)
-        (False, True)
-        >>> row_is_chat("generic", True, KeepConfig()), row_is_chat("generic", False, plain)
-        (True, False)
+        >>> row_is_chat("generic", True), row_is_chat("text", True), row_is_chat("task", False)
+        (True, False, False)
     """
-    return chat and not (kind == "generic" and config.generic_format == "plain")
+    return chat and kind != "text"
+
+
+def _row_kind(kind: str, chat: bool, config: KeepConfig, n_generic: int) -> str:
+    """A generic prompt's row kind on a chat task: ``"text"`` (plain text) for every one
+    with ``generic_format: plain``, every other one with ``both``."""
+    fmt = config.generic_format
+    if kind == "generic" and chat and (fmt == "plain" or (fmt == "both" and n_generic % 2)):
+        return "text"
+    return kind
 
 
 def row_budget(config: KeepConfig, tokenizer: Any, task_prompts: list[str]) -> int:

@@ -221,7 +221,7 @@ class Keep:
         out = []
         eos = tokenizer.eos_token_id
         for row in self.rows or []:
-            if row_is_chat(row.get("kind", "task"), bool(self.chat), self.config):
+            if row_is_chat(row.get("kind", "task"), bool(self.chat)):
                 user = [{"role": "user", "content": row["prompt"]}]
                 prompt_ids = list(tokenizer.apply_chat_template(
                     user, tokenize=True, add_generation_prompt=True, return_dict=False))
