@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,14 @@ class Keep:
             buffer = ReplayBuffer(capacity=len(rows), seed=self.config.seed)
             buffer.add(rows, task="keep")
             trainer.train_dataset = buffer.mix(dataset, self.config.ratio)
+            if getattr(trainer.args, "max_steps", 0) > 0:
+                logger.warning(
+                    "keep: rehearsal rows are %.0f%% of the mixed training set, so max_steps=%d "
+                    "trains on %.0f%% as many task rows as without them; for as many task rows, "
+                    "set max_steps to %d (or train by num_train_epochs)",
+                    100 * self.config.ratio, trainer.args.max_steps, 100 * (1 - self.config.ratio),
+                    math.ceil(trainer.args.max_steps / (1 - self.config.ratio)),
+                )
         if self.config.anchors and self.config.kl_mode == "cached":
             self.cache = TeacherCache(self.config.kl_topk)
             self.cache.fill(_peft(model), [t["input_ids"] for t in tokenized])

@@ -116,6 +116,15 @@ def test_sft_trainer_mixes_saves_and_logs_a_nonzero_kl(tmp_path, mode):
     assert saved == cb.keep.rows and 1 <= len(saved) <= 8  # a random tiny model: some rejected
 
 
+def test_fixed_max_steps_warns_that_the_task_gets_fewer_rows(tmp_path, caplog):
+    """With ``max_steps`` fixed, rehearsal rows take a share of the steps: the user is told
+    how many steps give the task as many rows as without them."""
+    trainer, _ = _trainer(tmp_path, _keep(kl_lambda=0.0), max_steps=6)
+    with caplog.at_level("WARNING", logger="secura_plugins.keep.runtime"):
+        trainer.train()
+    assert "set max_steps to 9" in caplog.text  # 6 / (1 - 0.3), rounded up
+
+
 def test_kl_off_logs_nothing_and_rehearsal_still_mixes(tmp_path):
     trainer, _ = _trainer(tmp_path, _keep(kl_lambda=0.0))
     trainer.train()
