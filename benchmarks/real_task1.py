@@ -8,6 +8,7 @@ and prints one markdown row per (method, lr, seed), sorted by method and learnin
 
 Usage:
     python benchmarks/real_task1.py docs/lab/real-sweep docs/lab/real-seq-s0 [--out FILE.md]
+    python benchmarks/real_task1.py docs/lab/keep13/chat-* --task chat-initials
 """
 
 from __future__ import annotations
@@ -17,14 +18,28 @@ import json
 from pathlib import Path
 
 
-def points(folder: Path) -> list[dict]:
+def _label(config: dict) -> str:
+    """What sets a folder's runs apart: NF4, steps, keep overrides, equal task rows."""
+    notes = []
+    if config["base"].get("four_bit"):
+        notes.append("NF4 base")
+    settings = config["settings"]
+    if settings["steps"] != 32:
+        notes.append(f"{settings['steps']} steps")
+    if settings.get("keep_equal_task_rows"):
+        notes.append("+keep: equal task rows")
+    notes += [f"{k}={v}" for k, v in sorted((config.get("keep") or {}).items())]
+    return f" ({', '.join(notes)})" if notes else ""
+
+
+def points(folder: Path, task: str = "facts-same") -> list[dict]:
     """Task-1 points of one results folder (sweep entries and sequence runs)."""
     data = json.loads((folder / "results.json").read_text())
     out = []
     seed = data["config"]["seeds"][0]
-    nf4 = " (NF4 base)" if data["config"]["base"].get("four_bit") else ""
+    nf4 = _label(data["config"])
     for s in data.get("sweep", []):
-        if s["tasks"][0] == "facts-same" and "nll_rise" in s:
+        if s["tasks"][0] == task and "nll_rise" in s:
             out.append(
                 {
                     "method": s["family"] + nf4,
@@ -38,7 +53,7 @@ def points(folder: Path) -> list[dict]:
                 }
             )
     for r in data.get("runs", []):
-        if r["tasks"][0] == "facts-same" and "nll_rise" in r:
+        if r["tasks"][0] == task and "nll_rise" in r:
             out.append(
                 {
                     "method": r["method"] + nf4,
@@ -79,8 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--task", default="facts-same", help="the first task to collect")
     args = parser.parse_args()
-    rows = [p for f in args.folders if (Path(f) / "results.json").is_file() for p in points(Path(f))]
+    rows = [p for f in args.folders if (Path(f) / "results.json").is_file()
+            for p in points(Path(f), args.task)]
     text = table(rows)
     print(text)
     if args.out:
