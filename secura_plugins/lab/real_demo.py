@@ -2,13 +2,15 @@
 
 Both runs teach the base the same new facts (capitals of invented countries, asked in the
 very format of capitals the model already knows: the case where plain fine-tuning
-forgets most) for the same number of optimizer steps, through ``trl.SFTTrainer`` +
+forgets most) with every task row seen as often, through ``trl.SFTTrainer`` +
 :class:`~secura_plugins.integrations.trl.SecuraCallback`:
 
 * ``lora``: plain LoRA (r = 8, all seven projections);
 * ``lora+keep``: the same LoRA with ``keep="keep"``: the base (adapter disabled) first
   writes its own rehearsal examples, mixed in at half the rows, and a KL anchor to the
-  base on them (:mod:`secura_plugins.keep`). No data of the base's is used.
+  base on them (:mod:`secura_plugins.keep`). No data of the base's is used. It trains
+  ``steps / (1 - ratio)`` steps, so that it sees every task row as often as LoRA (the
+  rehearsal rows come on top), as the library advises for a fixed ``max_steps``.
 
 Then the lab's measures (:meth:`~secura_plugins.lab.real.RealBase.measure`): share of the
 new facts learned, share of the probe items the base knew that are still answered
@@ -23,6 +25,7 @@ version (4 facts, 4 steps) and ``secura demo --tiny`` the older tiny-base lab de
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,11 +64,12 @@ def _train(base: Any, rows: list[dict], keep: str | None, *, steps: int, seed: i
 
     from ..config import AdapterConfig
     from ..integrations.trl import SecuraCallback
-    from ..keep import Keep
+    from ..keep import Keep, KeepConfig
 
     model, tok = base.load()
     keeper = None
     if keep is not None:
+        steps = math.ceil(steps / (1 - KeepConfig.coerce(keep).ratio))
         exclude = [p for p, _ in base.probe_pairs()]  # never rehearse a probe question
         settings = {"preset": keep, "rehearsal": len(rows), "seed": seed}
         keeper = Keep(settings, exclude=exclude, progress=progress)
@@ -115,7 +119,7 @@ def _plot(result: dict[str, Any], path: Path) -> Path | None:
     ax2.set_ylabel("nats / token")
     ax2.set_title("general-text NLL rise (lower is better)")
     fig.suptitle(f"SmolLM2-135M-Instruct, {result['n_facts']} new facts, "
-                 f"{result['steps']} steps each, seed {result['seed']}")
+                 f"each seen {result['steps'] * 8 // result['n_facts']} times, seed {result['seed']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -123,11 +127,11 @@ def _plot(result: dict[str, Any], path: Path) -> Path | None:
 
 
 def _table(result: dict[str, Any]) -> str:
-    lines = ["| run | new facts learned | known facts kept | general-text NLL rise |",
-             "|---|---|---|---|"]
+    lines = ["| run | steps | new facts learned | known facts kept | general-text NLL rise |",
+             "|---|---|---|---|---|"]
     for name, r in result["runs"].items():
-        lines.append(f"| {name} | {100 * r['learned']:.0f}% | {100 * r['kept']:.0f}% "
-                     f"| {r['nll_rise']:+.3f} nats |")
+        lines.append(f"| {name} | {r['train_log']['steps']} | {100 * r['learned']:.0f}% "
+                     f"| {100 * r['kept']:.0f}% | {r['nll_rise']:+.3f} nats |")
     lines += ["", "| question | base | " + " | ".join(result["runs"]) + " |",
               "|---|---|" + "---|" * len(result["runs"])]
     for q, before in result["before"].items():

@@ -103,8 +103,9 @@ def test_demo_on_the_real_model_trains_both_runs_and_measures_them(capsys, tmp_p
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "results.json").read_text())
     lora, keep = result["runs"]["lora"], result["runs"]["lora+keep"]
+    # keep trains 4 / (1 - 0.5) steps: every task row as often as LoRA, rehearsal on top
+    assert (lora["train_log"]["steps"], keep["train_log"]["steps"]) == (4, 8)
     for run in (lora, keep):  # trained: the loss fell; measured: numbers from generations
-        assert run["train_log"]["steps"] == 4
         assert run["train_log"]["loss"][-1] < run["train_log"]["loss"][0]
         assert 0.0 <= run["kept"] <= 1.0 and run["kept_by_format"]
         assert set(run["answers"]) == set(result["before"])
