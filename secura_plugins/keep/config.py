@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -173,6 +174,18 @@ class KeepConfig:
                 "the anchor has no inputs: rehearsal is 0 and kl_on_task is false; "
                 "set rehearsal > 0 or kl_on_task: true",
             )
+
+    def steps_for_task_rows(self, steps: int) -> int:
+        """Optimizer steps over the mixed set that train on as many task rows as ``steps``
+        without rehearsal: ``ceil(steps / (1 - ratio))``.
+
+        Example:
+            >>> KeepConfig(ratio=0.5).steps_for_task_rows(40)
+            80
+            >>> KeepConfig(ratio=0.3).steps_for_task_rows(6)
+            9
+        """
+        return math.ceil(steps / (1.0 - float(self.ratio)))
 
     @property
     def anchors(self) -> bool:

@@ -159,11 +159,12 @@ def generate_rehearsal(
     """Up to ``config.rehearsal`` rows ``{"prompt", "completion", "kind"}`` written by
     ``model`` with its adapter disabled (see the module docstring).
 
-    ``kind`` is ``"task"``, ``"generic"`` or ``"text"``. ``exclude``: prompts that must never be
-    produced (evaluation probes); the task's own prompts are excluded too. With ``chat``
-    the prompts are answered through the tokenizer's chat template (the generic ones in
-    plain text as ``"text"`` rows with ``config.generic_format``, see :func:`row_is_chat`). The model is put in
-    eval mode for the generation and its mode restored afterwards. ``row_tokens``: the
+    ``kind`` is ``"task"``, ``"generic"`` or ``"text"``. ``exclude``: prompts that must
+    never be produced (evaluation probes); the task's own prompts are excluded too. With
+    ``chat`` the prompts are answered through the tokenizer's chat template (generic ones
+    in plain text, as ``"text"`` rows, per ``config.generic_format``: see
+    :func:`row_is_chat`). The model is put in eval mode for the generation and its mode
+    restored afterwards. ``row_tokens``: the
     bound on a row's prompt + answer tokens (0: none); by default ``config.max_row_tokens``,
     whose ``"task"`` is resolved here as the longest task prompt + 4 tokens (``Keep``
     passes the longest task row instead).

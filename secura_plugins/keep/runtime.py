@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -306,7 +305,7 @@ class Keep:
                     "trains on %.0f%% as many task rows as without them; for as many task rows, "
                     "set max_steps to %d (or train by num_train_epochs)",
                     100 * self.config.ratio, trainer.args.max_steps, 100 * (1 - self.config.ratio),
-                    math.ceil(trainer.args.max_steps / (1 - self.config.ratio)),
+                    self.config.steps_for_task_rows(trainer.args.max_steps),
                 )
         if self.config.anchors and self.config.kl_mode == "cached":
             self.cache = TeacherCache(self.config.kl_topk)

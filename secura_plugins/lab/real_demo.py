@@ -25,7 +25,6 @@ version (4 facts, 4 steps) and ``secura demo --tiny`` the older tiny-base lab de
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,7 @@ def _train(base: Any, rows: list[dict], keep: str | None, *, steps: int, seed: i
     model, tok = base.load()
     keeper = None
     if keep is not None:
-        steps = math.ceil(steps / (1 - KeepConfig.coerce(keep).ratio))
+        steps = KeepConfig.coerce(keep).steps_for_task_rows(steps)
         exclude = [p for p, _ in base.probe_pairs()]  # never rehearse a probe question
         settings = {"preset": keep, "rehearsal": len(rows), "seed": seed}
         keeper = Keep(settings, exclude=exclude, progress=progress)

@@ -300,7 +300,7 @@ class _LabHooks(SequenceHooks):
             if keep.anchors:
                 extra.setdefault("loss_type", "nll")  # the KL anchor needs the logits
             if settings.keep_equal_task_rows:
-                steps = math.ceil(steps / (1.0 - keep.ratio))
+                steps = keep.steps_for_task_rows(steps)
         return SFTConfig(
             output_dir=str(self.tmp / f"task-{run.index}"),
             max_steps=steps,
@@ -390,11 +390,7 @@ class _LabHooks(SequenceHooks):
                 out.update(retention=scores["known_kept"],
                            nll_rise=scores["nll"] - self.record["base_nll"])
                 if self.method.keep:
-                    from .real import kept_untouched
-
-                    rows = [r for keep in self.keeps for r in keep.rows or []]
-                    out["kept_untouched"] = kept_untouched(
-                        self.base.probe, scores["known_hits"], rows)[1]
+                    out["kept_untouched"] = self._untouched(scores["known_hits"])[1]
             else:
                 out["retention"] = self.probe.evaluate(model)["accuracy"] / self.record[
                     "base_probe"]
@@ -402,12 +398,16 @@ class _LabHooks(SequenceHooks):
             scale_update(model, 1.0 / alpha)
         return out
 
-    def _kept_untouched(self, known_hits: dict[str, list[bool]]) -> None:
-        """Record the retention on probe items no rehearsal row so far mentions."""
+    def _untouched(self, known_hits: dict[str, list[bool]]) -> tuple[int, float | None]:
+        """``(n, share)`` of the probe items no rehearsal row so far mentions."""
         from .real import kept_untouched
 
         rows = [r for keep in self.keeps for r in keep.rows or []]
-        n, share = kept_untouched(self.base.probe, known_hits, rows)
+        return kept_untouched(self.base.probe, known_hits, rows)
+
+    def _kept_untouched(self, known_hits: dict[str, list[bool]]) -> None:
+        """Record the retention on probe items no rehearsal row so far mentions."""
+        n, share = self._untouched(known_hits)
         self.record["n_untouched"].append(n)
         self.record["kept_untouched"].append(share)
 
