@@ -96,12 +96,16 @@ class KeepConfig:
         batch_size: prompts generated per ``generate`` call.
         format: ``plain`` prompts, ``chat`` (the tokenizer's chat template), or ``auto``
             (chat when the task's rows are conversations).
-        generic_format: on a chat task, how the generic rows are written and trained:
-            ``task`` (through the chat template, like the task-shaped rows), ``plain``
-            (plain text, the base continuing and answering in prose: what anchors the
-            model's plain-text knowledge and general language while a chat task trains)
-            or ``both`` (every other generic row). Plain rows have kind ``"text"``; on a
-            training set that is not tokenized yet they are conversations anyway.
+        generic_format: the format of the generic rows: ``task`` (the task's: the chat
+            template on a chat task, plain text otherwise), ``plain`` (plain text on a chat
+            task too, the base continuing and answering in prose: what anchors the model's
+            plain-text knowledge and general language while a chat task trains) or
+            ``both`` (every other generic row in the other format than the task's: plain
+            text on a chat task, the chat template on a plain task when the tokenizer has
+            one, so an instruct model's chat answers are rehearsed while it learns a plain
+            format). Plain rows on a chat task have kind ``"text"``, templated rows on a
+            plain task ``"chat"``; on a training set that is not tokenized yet they take
+            the set's format anyway.
         seed: seed of every random choice of the generation.
     """
 

@@ -159,10 +159,11 @@ def generate_rehearsal(
     """Up to ``config.rehearsal`` rows ``{"prompt", "completion", "kind"}`` written by
     ``model`` with its adapter disabled (see the module docstring).
 
-    ``kind`` is ``"task"``, ``"generic"`` or ``"text"``. ``exclude``: prompts that must
-    never be produced (evaluation probes); the task's own prompts are excluded too. With
-    ``chat`` the prompts are answered through the tokenizer's chat template (generic ones
-    in plain text, as ``"text"`` rows, per ``config.generic_format``: see
+    ``kind`` is ``"task"``, ``"generic"``, ``"text"`` or ``"chat"``. ``exclude``: prompts
+    that must never be produced (evaluation probes); the task's own prompts are excluded
+    too. With ``chat`` the prompts are answered through the tokenizer's chat template;
+    ``config.generic_format`` may write generic rows in the other format (``"text"`` rows
+    in plain text on a chat task, ``"chat"`` rows in the template on a plain task: see
     :func:`row_is_chat`). The model is put in eval mode for the generation and its mode
     restored afterwards. ``row_tokens``: the
     bound on a row's prompt + answer tokens (0: none); by default ``config.max_row_tokens``,
@@ -183,6 +184,7 @@ def generate_rehearsal(
     model.eval()
     bar = tqdm(total=want, desc="self-rehearsal", disable=not progress, unit="row")
     attempts, batch_no, n_generic = 0, 0, 0
+    templated = bool(getattr(tokenizer, "chat_template", None))
     try:
         with adapter_disabled(model):
             while len(rows) < want and attempts < 8 * want:
@@ -205,7 +207,8 @@ def generate_rehearsal(
                         continue  # no room left for an answer
                     seen.add(key)
                     quota[kind] -= 1
-                    fresh.append((kind, prompt, _row_kind(kind, chat, config, n_generic)))
+                    fresh.append((kind, prompt, _row_kind(kind, chat, config, n_generic,
+                                                          templated)))
                     n_generic += kind == "generic"
                 if not fresh:
                     continue
@@ -240,22 +243,30 @@ def generate_rehearsal(
 
 def row_is_chat(kind: str, chat: bool) -> bool:
     """Whether a rehearsal row of ``kind`` goes through the chat template: on a chat task
-    every row does, except ``"text"`` rows (generic rows kept in plain text).
+    every row does, except ``"text"`` rows (generic rows kept in plain text); on a plain
+    task only ``"chat"`` rows (generic rows written in the chat template) do.
 
     Example:
         >>> row_is_chat("generic", True), row_is_chat("text", True), row_is_chat("task", False)
         (True, False, False)
+        >>> row_is_chat("chat", False)
+        True
     """
-    return chat and kind != "text"
+    return kind == "chat" or (chat and kind != "text")
 
 
-def _row_kind(kind: str, chat: bool, config: KeepConfig, n_generic: int) -> str:
-    """A generic prompt's row kind on a chat task: ``"text"`` (plain text) for every one
-    with ``generic_format: plain``, every other one with ``both``."""
+def _row_kind(kind: str, chat: bool, config: KeepConfig, n_generic: int,
+              templated: bool = True) -> str:
+    """A generic prompt's row kind, per ``config.generic_format``: on a chat task
+    ``"text"`` (plain text) for every one with ``plain``, every other one with ``both``;
+    on a plain task ``"chat"`` (the chat template) for every other one with ``both``
+    when the tokenizer has a template (``templated``)."""
     fmt = config.generic_format
-    if kind == "generic" and chat and (fmt == "plain" or (fmt == "both" and n_generic % 2)):
-        return "text"
-    return kind
+    if kind != "generic" or fmt == "task":
+        return kind
+    if chat:
+        return "text" if fmt == "plain" or (fmt == "both" and n_generic % 2) else kind
+    return "chat" if fmt == "both" and templated and n_generic % 2 else kind
 
 
 def row_budget(config: KeepConfig, tokenizer: Any, task_prompts: list[str]) -> int:

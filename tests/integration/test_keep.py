@@ -381,6 +381,43 @@ def test_generic_rows_can_stay_plain_text_on_a_chat_task(generic_format, monkeyp
     assert task_row["input_ids"] == chat_ids and text_row["input_ids"] == plain_ids
 
 
+@pytest.mark.parametrize("generic_format", ["task", "plain", "both"])
+def test_both_writes_every_other_generic_row_in_the_chat_template_on_a_plain_task(
+        generic_format, monkeypatch):
+    """On a plain task, ``generic_format: both`` answers every other generic row through
+    the chat template (``"chat"`` rows, trained in the template), so an instruct base's
+    chat answers are rehearsed while it learns a plain format; ``task`` and ``plain``
+    keep them all plain."""
+    from secura_plugins.keep import rehearsal
+
+    tok = build_tokenizer()
+    config = KeepConfig(rehearsal=16, generic_share=0.75, max_new_tokens=4, max_row_tokens=0,
+                        generic_format=generic_format, seed=0)
+    templated: list[str] = []
+    real_chat_prompt = rehearsal._chat_prompt
+
+    def spy(tokenizer, prompt):
+        templated.append(prompt)
+        return real_chat_prompt(tokenizer, prompt)
+
+    monkeypatch.setattr(rehearsal, "_chat_prompt", spy)
+    rows = generate_rehearsal(build_tiny_model(vocab_size=len(tok)), tok, ["1+2=", "3+4="],
+                              config, chat=False, progress=False)
+    kinds = [r["kind"] for r in rows]
+    generic = kinds.count("chat") + kinds.count("generic")
+    assert "task" in kinds and generic >= 2
+    assert kinds.count("chat") == (generic // 2 if generic_format == "both" else 0)
+    assert {r["prompt"] for r in rows if r["kind"] == "chat"} == set(templated)
+
+    keep = Keep(config, rows=[{"prompt": "1+1", "completion": "2", "kind": "chat"}],
+                progress=False)
+    keep.chat = False
+    (chat_row,) = keep.tokenized(tok)
+    assert chat_row["input_ids"] == list(tok.apply_chat_template(
+        [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}],
+        tokenize=True, return_dict=False))
+
+
 def test_ending_share_asks_other_sentences_with_the_task_prompts_ending():
     """``ending_share`` turns task-shaped prompts into generic openings that must reach
     the ending the task's prompts share (" is"), instead of the task's template."""
