@@ -17,10 +17,17 @@ written: ``short`` rows bounded by the task's longest row (``max_row_tokens: tas
 default) and ``free`` rows (``max_row_tokens: 0``, the generator before the bound), so
 one run shows the cost before and after the bound side by side.
 
+``preset`` is the library's ``keep`` preset as it stands (with ``--keep-set FIELD=VALUE``
+overrides), on rows written with the preset's own settings (``generic_format`` decides
+which rows go through the chat template: their kind is kept). ``--repeats N`` runs the
+configurations N times, interleaved (lora, preset, lora, preset, ...), and reports each
+ratio as the mean and spread of the per-repeat ratios.
+
 Usage::
 
     python benchmarks/keep_cost.py --out docs/lab/keep-cost/results.json   # ~5 min, 2 cores
     python benchmarks/keep_cost.py --steps 4 --only lora kl-in-step        # quicker
+    python benchmarks/keep_cost.py --only lora preset --repeats 3 --keep-set rehearsal=256
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ CONFIGS: dict[str, dict | None] = {
     "kl-in-step-on-task": {"ratio": 0.5, "kl_lambda": 1.0, "kl_on_task": True},
     "kl-cached": {"ratio": 0.5, "kl_lambda": 1.0, "kl_mode": "cached"},
     "kl-cached-free": {"ratio": 0.5, "kl_lambda": 1.0, "kl_mode": "cached"},
+    "preset": {"preset": "keep"},  # + --keep-set overrides, on its own rows
 }
 NAMES = ["Zorblat", "Quenvia", "Marthos", "Ildren", "Postavia", "Kelmar", "Orvandy", "Tesque"]
 CITIES = ["Vantor", "Elbrish", "Cordane", "Miralt", "Sunhold", "Pexa", "Drumond", "Yarrow"]
@@ -85,10 +93,14 @@ def child(name: str, rows_path: Path, steps: int, device: str) -> dict:
     settings = CONFIGS[name]
     keep = None
     if settings is not None:
-        if name.endswith("-free"):
-            rows_path = rows_path.with_name(rows_path.name.replace("short", "free"))
+        if name.endswith("-free") or name == "preset":
+            kind = "free" if name.endswith("-free") else "preset"
+            rows_path = rows_path.with_name(rows_path.name.replace("short", kind))
+        if name == "preset":
+            settings = json.loads(rows_path.with_suffix(".settings.json").read_text())
         rows = json.loads(rows_path.read_text())
-        keep = Keep(KeepConfig(rehearsal=len(rows), **settings), rows=rows, progress=False)
+        config = KeepConfig.from_dict({**settings, "rehearsal": len(rows)})
+        keep = Keep(config, rows=rows, progress=False)
     cuda = device.startswith("cuda")
     record: dict = {"wall": [], "cpu": []}
 
@@ -131,8 +143,10 @@ def child(name: str, rows_path: Path, steps: int, device: str) -> dict:
     }
 
 
-def generate_rows(path: Path, n: int, bound: int | str) -> float:
-    """The base writes ``n`` rehearsal rows with ``max_row_tokens=bound`` into ``path``."""
+def generate_rows(path: Path, n: int, bound: int | str,
+                  settings: dict | None = None) -> float:
+    """The base writes ``n`` rehearsal rows with ``max_row_tokens=bound`` (or the KeepConfig
+    fields ``settings``) into ``path``; each row keeps its kind."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -144,10 +158,12 @@ def generate_rows(path: Path, n: int, bound: int | str) -> float:
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     start = time.perf_counter()
-    keep = Keep(KeepConfig(rehearsal=n, max_row_tokens=bound), progress=True)
+    fields = {"max_row_tokens": bound} if settings is None else settings
+    keep = Keep(KeepConfig.from_dict({**fields, "rehearsal": n}), progress=True)
     rows = keep.ensure_rows(model, tok, Dataset.from_list(task_rows()))
     seconds = time.perf_counter() - start
-    path.write_text(json.dumps([{k: r[k] for k in ("prompt", "completion")} for r in rows]))
+    path.write_text(json.dumps([{k: r[k] for k in ("prompt", "completion", "kind")}
+                                for r in rows]))
     return seconds
 
 
@@ -166,7 +182,7 @@ def _row_tokens(folder: Path) -> dict[str, float]:
         )
 
     sizes = {"task": mean(task_rows())}
-    for kind in ("short", "free"):
+    for kind in ("short", "free", "preset"):
         path = folder / f"rehearsal_rows_{kind}.json"
         if path.is_file():
             sizes[kind] = mean(json.loads(path.read_text()))
@@ -180,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=32, help="rehearsal rows the base writes")
     p.add_argument("--only", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved runs of every config")
+    p.add_argument("--keep-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the 'preset' config (e.g. rehearsal=256)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--rows-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -193,33 +212,55 @@ def main(argv: list[str] | None = None) -> int:
     if any(name.endswith("-free") for name in args.only):
         free = rows_file.with_name("rehearsal_rows_free.json")
         gen_s["free"] = generate_rows(free, args.rows, 0)
+    if "preset" in args.only:
+        from secura_plugins.keep import KEEP_PRESETS, KeepConfig
+        from secura_plugins.lab.cli import parse_keep_set
+
+        preset = rows_file.with_name("rehearsal_rows_preset.json")
+        fields = {**KEEP_PRESETS["keep"], **parse_keep_set(args.keep_set)}
+        KeepConfig.from_dict(fields)  # a bad override fails here, by name
+        preset.with_suffix(".settings.json").write_text(json.dumps(fields))
+        gen_s["preset"] = generate_rows(preset, fields.get("rehearsal", args.rows), 0, fields)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
     )
     results = []
-    for name in args.only:
-        cmd = [sys.executable, __file__, "--child", name, "--rows-file", str(rows_file),
-               "--steps", str(args.steps), "--device", args.device]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]), flush=True)
-    lora = next((r for r in results if r["config"] == "lora"), None)
+    for repeat in range(args.repeats):
+        for name in args.only:
+            cmd = [sys.executable, __file__, "--child", name, "--rows-file", str(rows_file),
+                   "--steps", str(args.steps), "--device", args.device]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+            results.append({**json.loads(proc.stdout.strip().splitlines()[-1]),
+                            "repeat": repeat})
+            print(json.dumps(results[-1]), flush=True)
     for r in results:
+        lora = next((x for x in results if x["config"] == "lora"
+                     and x["repeat"] == r["repeat"]), None)
         if lora:
             r["step_ratio"] = r["step_s"] / lora["step_s"]
             r["cpu_ratio"] = r["cpu_s"] / lora["cpu_s"]
             r["peak_ratio"] = (r["held_mib"] + r["peak_mib"]) / (lora["held_mib"] + lora["peak_mib"])
+    summary = {}
+    for name in args.only:
+        mine = [r for r in results if r["config"] == name and "cpu_ratio" in r]
+        for key in ("cpu_ratio", "step_ratio", "peak_ratio"):
+            values = [r[key] for r in mine]
+            if values:
+                summary.setdefault(name, {})[key] = {
+                    "mean": statistics.mean(values),
+                    "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "n": len(values)}
     report = {
         "command": "python benchmarks/keep_cost.py " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, device {args.device}",
         "generation_s": gen_s, "rehearsal_rows": len(json.loads(rows_file.read_text())),
         "row_tokens": _row_tokens(out.parent),
-        "results": results,
+        "results": results, "summary": summary,
     }
     out.write_text(json.dumps(report, indent=2))
     print(f"written to {out}")

@@ -134,6 +134,22 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
+
+def parse_keep_set(items: list[str]) -> dict[str, Any]:
+    """``--keep-set FIELD=VALUE`` items as a dict, each value read as YAML.
+
+    Example:
+        >>> parse_keep_set(["rehearsal=256", "generic_format=both"])
+        {'rehearsal': 256, 'generic_format': 'both'}
+    """
+    keep: dict[str, Any] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise SecuraConfigError("--keep-set", f"expected FIELD=VALUE, got {item!r}")
+        keep[name.strip()] = yaml.safe_load(value)
+    return keep
+
 def _config(args: argparse.Namespace, **fixed):
     from .bench import LabConfig
     from .runner import METHODS
@@ -176,12 +192,7 @@ def _config(args: argparse.Namespace, **fixed):
         kwargs["lr_grid"] = {**grids, "": shared} if grids and shared else grids or shared
         if isinstance(kwargs["lr_grid"], dict) and "" in kwargs["lr_grid"]:
             raise SecuraConfigError("--lr-grid", "give either one shared grid or per-family grids")
-    keep: dict[str, Any] = {}
-    for item in getattr(args, "keep_set", []) or []:
-        name, eq, value = item.partition("=")
-        if not eq or not name.strip():
-            raise SecuraConfigError("--keep-set", f"expected FIELD=VALUE, got {item!r}")
-        keep[name.strip()] = yaml.safe_load(value)
+    keep = parse_keep_set(getattr(args, "keep_set", []) or [])
     if keep:
         kwargs["keep"] = keep
     if getattr(args, "alphas", None):
