@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows_file = out.parent / "rehearsal_rows_short.json"
-    gen_s = {"short": generate_rows(rows_file, args.rows, "task")}
+    gen_s = {}
+    if any(CONFIGS[n] and not n.endswith("-free") and n != "preset" for n in args.only):
+        gen_s["short"] = generate_rows(rows_file, args.rows, "task")
     if any(name.endswith("-free") for name in args.only):
         free = rows_file.with_name("rehearsal_rows_free.json")
         gen_s["free"] = generate_rows(free, args.rows, 0)
@@ -258,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/keep_cost.py " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, device {args.device}",
-        "generation_s": gen_s, "rehearsal_rows": len(json.loads(rows_file.read_text())),
+        "generation_s": gen_s,
+        "rehearsal_rows": {path.stem.split("_")[-1]: len(json.loads(path.read_text()))
+                           for path in sorted(out.parent.glob("rehearsal_rows_*.json"))
+                           if not path.name.endswith(".settings.json")},
         "row_tokens": _row_tokens(out.parent),
         "results": results, "summary": summary,
     }
