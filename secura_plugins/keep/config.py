@@ -37,9 +37,11 @@ GENERIC_FORMATS = ("task", "plain", "both")
 #: mixed at ratio 0.5 plus the KL anchor on them (lambda 1), the teacher cached once per
 #: row (as good as the in-step teacher there, and cheaper). Give the task its rows: train
 #: by epochs, or ``max_steps / (1 - ratio)`` (a fixed ``max_steps`` halves them, and with
-#: them the learning: 28% of 32 new facts instead of 97%). Generic rows stay in the task's
-#: format: in plain text (``generic_format: plain``) they lowered the NLL rise but lost
-#: every chat-format answer of the probe over the 4-task sequence.
+#: them the learning: 28% of 32 new facts instead of 97%). Generic rows in both formats
+#: (``generic_format: both``: an instruct base's chat answers are rehearsed while a plain
+#: task trains, its prose while a chat task trains): in the task's format only, the
+#: probe's chat answers fell to 0% on the first plain Q/A task. Both formats cost step
+#: time (templated rows are long): ``generic_format: task`` is the cheaper setting.
 KEEP_PRESETS: dict[str, dict[str, Any]] = {
     "keep": {
         "rehearsal": 64,
@@ -49,6 +51,7 @@ KEEP_PRESETS: dict[str, dict[str, Any]] = {
         "kl_on_task": False,
         "kl_mode": "cached",
         "max_row_tokens": 0,
+        "generic_format": "both",
     },
     "rehearsal-only": {"rehearsal": 64, "ratio": 0.5, "kl_lambda": 0.0},
 }
@@ -100,10 +103,11 @@ class KeepConfig:
             template on a chat task, plain text otherwise), ``plain`` (plain text on a chat
             task too, the base continuing and answering in prose: what anchors the model's
             plain-text knowledge and general language while a chat task trains) or
-            ``both`` (every other generic row in the other format than the task's: plain
-            text on a chat task, the chat template on a plain task when the tokenizer has
-            one, so an instruct model's chat answers are rehearsed while it learns a plain
-            format). Plain rows on a chat task have kind ``"text"``, templated rows on a
+            ``both`` (every other generic prompt in the other format than the task's:
+            plain text on a chat task, the chat template on a plain task when the
+            tokenizer has one, so an instruct model's chat answers are rehearsed while it
+            learns a plain format; plain prompts the base answers with nothing are
+            dropped, so templated rows outnumber plain ones, about 2 to 1 on the lab). Plain rows on a chat task have kind ``"text"``, templated rows on a
             plain task ``"chat"``; on a training set that is not tokenized yet they take
             the set's format anyway.
         seed: seed of every random choice of the generation.
