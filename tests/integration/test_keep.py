@@ -339,15 +339,11 @@ def test_rehearsal_mixes_into_a_conversational_dataset(tmp_path):
     assert row["prompt"][0]["role"] == "user" and row["completion"][0]["role"] == "assistant"
 
 
-@pytest.mark.parametrize("generic_format", ["task", "plain", "both"])
-def test_generic_rows_can_stay_plain_text_on_a_chat_task(generic_format, monkeypatch):
-    """On a chat task, ``generic_format: plain`` writes and trains the generic rows as
-    plain text (``"text"`` rows: the base's prose), ``both`` every other one, while
-    task-shaped rows keep the chat template."""
+def _rows_spying_template(tok, generic_format: str, chat: bool, monkeypatch):
+    """``(config, rows, prompts sent through the chat template)`` of a tiny model's
+    rehearsal (seed 0: this random model writes every kind of row; the kinds are checked)."""
     from secura_plugins.keep import rehearsal
 
-    tok = build_tokenizer()
-    # seed 0: this random tiny model writes both kinds of rows (the kinds are checked)
     config = KeepConfig(rehearsal=16, generic_share=0.75, max_new_tokens=4, max_row_tokens=0,
                         generic_format=generic_format, seed=0)
     templated: list[str] = []
@@ -359,7 +355,17 @@ def test_generic_rows_can_stay_plain_text_on_a_chat_task(generic_format, monkeyp
 
     monkeypatch.setattr(rehearsal, "_chat_prompt", spy)
     rows = generate_rehearsal(build_tiny_model(vocab_size=len(tok)), tok, ["1+2=", "3+4="],
-                              config, chat=True, progress=False)
+                              config, chat=chat, progress=False)
+    return config, rows, templated
+
+
+@pytest.mark.parametrize("generic_format", ["task", "plain", "both"])
+def test_generic_rows_can_stay_plain_text_on_a_chat_task(generic_format, monkeypatch):
+    """On a chat task, ``generic_format: plain`` writes and trains the generic rows as
+    plain text (``"text"`` rows: the base's prose), ``both`` every other one, while
+    task-shaped rows keep the chat template."""
+    tok = build_tokenizer()
+    config, rows, templated = _rows_spying_template(tok, generic_format, True, monkeypatch)
     kinds = [r["kind"] for r in rows]
     plain = {"task": 0, "plain": kinds.count("text") + kinds.count("generic")}.get(
         generic_format, (kinds.count("text") + kinds.count("generic")) // 2)
@@ -388,21 +394,8 @@ def test_both_writes_every_other_generic_row_in_the_chat_template_on_a_plain_tas
     the chat template (``"chat"`` rows, trained in the template), so an instruct base's
     chat answers are rehearsed while it learns a plain format; ``task`` and ``plain``
     keep them all plain."""
-    from secura_plugins.keep import rehearsal
-
     tok = build_tokenizer()
-    config = KeepConfig(rehearsal=16, generic_share=0.75, max_new_tokens=4, max_row_tokens=0,
-                        generic_format=generic_format, seed=0)
-    templated: list[str] = []
-    real_chat_prompt = rehearsal._chat_prompt
-
-    def spy(tokenizer, prompt):
-        templated.append(prompt)
-        return real_chat_prompt(tokenizer, prompt)
-
-    monkeypatch.setattr(rehearsal, "_chat_prompt", spy)
-    rows = generate_rehearsal(build_tiny_model(vocab_size=len(tok)), tok, ["1+2=", "3+4="],
-                              config, chat=False, progress=False)
+    config, rows, templated = _rows_spying_template(tok, generic_format, False, monkeypatch)
     kinds = [r["kind"] for r in rows]
     generic = kinds.count("chat") + kinds.count("generic")
     assert "task" in kinds and generic >= 2
