@@ -123,6 +123,8 @@ class Keep:
         exclude: prompts the rehearsal must never produce (every evaluation probe's).
         rows: ready rehearsal rows (``{"prompt", "completion"}``); no generation then.
         progress: show progress bars.
+        steps_scaled: the trainer's ``max_steps`` already gives the task its rows
+            (:meth:`KeepConfig.steps_for_task_rows`): no warning that it does not.
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class Keep:
         exclude: Iterable[str] = (),
         rows: list[dict[str, str]] | None = None,
         progress: bool = True,
+        steps_scaled: bool = False,
     ) -> None:
         coerced = KeepConfig.coerce(config)
         if coerced is None:
@@ -142,6 +145,7 @@ class Keep:
         self.exclude = {str(p) for p in exclude}
         self.rows = None if rows is None else [dict(r) for r in rows]
         self.progress = progress
+        self.steps_scaled = steps_scaled
         self.chat: bool | None = None
         self.keys: set[tuple[int, ...]] = set()
         self.cache: TeacherCache | None = None
@@ -299,7 +303,7 @@ class Keep:
             buffer = ReplayBuffer(capacity=len(rows), seed=self.config.seed)
             buffer.add(rows, task="keep")
             trainer.train_dataset = buffer.mix(dataset, self.config.ratio)
-            if getattr(trainer.args, "max_steps", 0) > 0:
+            if getattr(trainer.args, "max_steps", 0) > 0 and not self.steps_scaled:
                 logger.warning(
                     "keep: rehearsal rows are %.0f%% of the mixed training set, so max_steps=%d "
                     "trains on %.0f%% as many task rows as without them; for as many task rows, "

@@ -71,7 +71,7 @@ def _train(base: Any, rows: list[dict], keep: str | None, *, steps: int, seed: i
         steps = KeepConfig.coerce(keep).steps_for_task_rows(steps)
         exclude = [p for p, _ in base.probe_pairs()]  # never rehearse a probe question
         settings = {"preset": keep, "rehearsal": len(rows), "seed": seed}
-        keeper = Keep(settings, exclude=exclude, progress=progress)
+        keeper = Keep(settings, exclude=exclude, progress=progress, steps_scaled=True)
     args = SFTConfig(
         output_dir=str(work), max_steps=steps, per_device_train_batch_size=8,
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,

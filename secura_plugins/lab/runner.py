@@ -200,7 +200,8 @@ def run_sequence(
             if method.keep:  # preserve what the base itself writes, not the probe
                 from ..keep import Keep
 
-                first_keep = Keep(method.keep, exclude=[p for p, _ in knowledge], progress=False)
+                first_keep = Keep(method.keep, exclude=[p for p, _ in knowledge], progress=False,
+                                  steps_scaled=settings.keep_equal_task_rows)
                 rows = _train_rows(base, tasks[0], settings, seed, tok, flat=bool(method.replay))
                 first_keep.ensure_rows(model, tok, rows)
                 data["negative"] = first_keep.negative_batches(tok)
@@ -331,7 +332,8 @@ class _LabHooks(SequenceHooks):
         keep = None
         if self.method.keep:  # a fresh Keep per task: the base rehearses each task's shapes
             keep = self.first_keep if run.index == 0 and self.first_keep else Keep(
-                self.method.keep, exclude=self.exclude, progress=False)
+                self.method.keep, exclude=self.exclude, progress=False,
+                steps_scaled=self.settings.keep_equal_task_rows)
             self.keeps.append(keep)
         return [SecuraCallback(ewc=self.ewc, replay=self.buffer, keep=keep)]
 

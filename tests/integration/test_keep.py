@@ -124,6 +124,14 @@ def test_fixed_max_steps_warns_that_the_task_gets_fewer_rows(tmp_path, caplog):
         trainer.train()
     assert "set max_steps to 9" in caplog.text  # 6 / (1 - 0.3), rounded up
 
+    caplog.clear()  # a caller that already scaled max_steps is not told to scale it again
+    keep = _keep(kl_lambda=0.0)
+    keep.steps_scaled = True
+    trainer, _ = _trainer(tmp_path / "scaled", keep, max_steps=9)
+    with caplog.at_level("WARNING", logger="secura_plugins.keep.runtime"):
+        trainer.train()
+    assert "max_steps" not in caplog.text and len(trainer.train_dataset) > 32
+
 
 def test_kl_off_logs_nothing_and_rehearsal_still_mixes(tmp_path):
     trainer, _ = _trainer(tmp_path, _keep(kl_lambda=0.0))
