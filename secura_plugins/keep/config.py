@@ -42,8 +42,8 @@ GENERIC_FORMATS = ("task", "plain", "both")
 #: chat template on a plain task) kept the instruct base's chat answers (87 / 80% instead
 #: of 0 / 7%) and 80.5% of what it knew instead of 74.8%, but raised the NLL rise from
 #: +0.047 to +0.122 and the step from 1.58x to 3.06x LoRA's, and kept less on the demo's
-#: single task (77% against 88%): set it when an instruct model's chat answers must
-#: survive plain-format tasks.
+#: single task (77%, on a generator variant, against 88%): set it when an instruct model's
+#: chat answers must survive plain-format tasks.
 KEEP_PRESETS: dict[str, dict[str, Any]] = {
     "keep": {
         "rehearsal": 64,
