@@ -74,6 +74,15 @@ def task_rows(n: int = 64) -> list[dict[str, str]]:
 
 
 
+def _row_set(name: str) -> str | None:
+    """Which rehearsal rows a configuration trains on: ``short`` (bounded by the task's
+    longest row), ``free`` (unbounded), ``preset`` (written with the preset's own settings),
+    or None (plain LoRA)."""
+    if CONFIGS[name] is None:
+        return None
+    return "free" if name.endswith("-free") else "preset" if name == "preset" else "short"
+
+
 def child(name: str, rows_path: Path, steps: int, device: str) -> dict:
     """One configuration in this (fresh) process."""
     from datasets import Dataset
@@ -93,9 +102,7 @@ def child(name: str, rows_path: Path, steps: int, device: str) -> dict:
     settings = CONFIGS[name]
     keep = None
     if settings is not None:
-        if name.endswith("-free") or name == "preset":
-            kind = "free" if name.endswith("-free") else "preset"
-            rows_path = rows_path.with_name(rows_path.name.replace("short", kind))
+        rows_path = rows_path.with_name(rows_path.name.replace("short", _row_set(name)))
         if name == "preset":
             settings = json.loads(rows_path.with_suffix(".settings.json").read_text())
         rows = json.loads(rows_path.read_text())
@@ -209,12 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows_file = out.parent / "rehearsal_rows_short.json"
     gen_s = {}
-    if any(CONFIGS[n] and not n.endswith("-free") and n != "preset" for n in args.only):
+    sets = {_row_set(name) for name in args.only}
+    if "short" in sets:
         gen_s["short"] = generate_rows(rows_file, args.rows, "task")
-    if any(name.endswith("-free") for name in args.only):
+    if "free" in sets:
         free = rows_file.with_name("rehearsal_rows_free.json")
         gen_s["free"] = generate_rows(free, args.rows, 0)
-    if "preset" in args.only:
+    if "preset" in sets:
         from secura_plugins.keep import KEEP_PRESETS, KeepConfig
         from secura_plugins.lab.cli import parse_keep_set
 

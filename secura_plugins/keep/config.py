@@ -108,9 +108,10 @@ class KeepConfig:
             plain text on a chat task, the chat template on a plain task when the
             tokenizer has one, so an instruct model's chat answers are rehearsed while it
             learns a plain format; plain prompts the base answers with nothing are
-            dropped, so templated rows outnumber plain ones, about 3 to 1 on the lab). Plain rows on a chat task have kind ``"text"``, templated rows on a
-            plain task ``"chat"``; on a training set that is not tokenized yet they take
-            the set's format anyway.
+            dropped, so templated rows outnumber plain ones, about 3 to 1 on the lab).
+            Plain rows on a chat task have kind ``"text"``, templated rows on a plain task
+            ``"chat"``; on a training set that is not tokenized yet they take the set's
+            format anyway.
         seed: seed of every random choice of the generation.
     """
 

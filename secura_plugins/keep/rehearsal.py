@@ -165,10 +165,9 @@ def generate_rehearsal(
     ``config.generic_format`` may write generic rows in the other format (``"text"`` rows
     in plain text on a chat task, ``"chat"`` rows in the template on a plain task: see
     :func:`row_is_chat`). The model is put in eval mode for the generation and its mode
-    restored afterwards. ``row_tokens``: the
-    bound on a row's prompt + answer tokens (0: none); by default ``config.max_row_tokens``,
-    whose ``"task"`` is resolved here as the longest task prompt + 4 tokens (``Keep``
-    passes the longest task row instead).
+    restored afterwards. ``row_tokens``: the bound on a row's prompt + answer tokens (0:
+    none); by default ``config.max_row_tokens``, whose ``"task"`` is resolved here as the
+    longest task prompt + 4 tokens (``Keep`` passes the longest task row instead).
     """
     task_prompts = [str(p) for p in task_prompts if str(p).strip()]
     budget = row_budget(config, tokenizer, task_prompts) if row_tokens is None else row_tokens

@@ -134,7 +134,6 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
-
 def parse_keep_set(items: list[str]) -> dict[str, Any]:
     """``--keep-set FIELD=VALUE`` items as a dict, each value read as YAML.
 
@@ -149,6 +148,7 @@ def parse_keep_set(items: list[str]) -> dict[str, Any]:
             raise SecuraConfigError("--keep-set", f"expected FIELD=VALUE, got {item!r}")
         keep[name.strip()] = yaml.safe_load(value)
     return keep
+
 
 def _config(args: argparse.Namespace, **fixed):
     from .bench import LabConfig
