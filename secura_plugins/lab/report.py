@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "mean_sd", "plot_frontier", "plot_retention", "summarize"]
+__all__ = [
+    "format_table", "keep_pairs", "mean_sd", "plot_frontier", "plot_retention", "summarize",
+]
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -48,6 +50,9 @@ def summarize(records: list[dict[str, Any]], methods: Sequence[str]) -> list[dic
             mean_sd([r["retention"][i] for r in recs]) for i in range(len(recs[0]["retention"]))
         ]
         row["step_seconds"] = statistics.median(s for r in recs for s in r["step_seconds"])
+        if all(r.get("steps") for r in recs):  # training time over the whole sequence
+            row["train_seconds"] = mean_sd(
+                [sum(s * n for s, n in zip(r["step_seconds"], r["steps"])) for r in recs])
         if all("nll_rise" in r for r in recs):  # the real-model lab
             row["nll_rise"] = mean_sd([r["nll_rise"][-1] for r in recs])
             row["first_learned"] = mean_sd([r["matrix"][0][0] for r in recs])
@@ -136,6 +141,55 @@ def _real_table(rows: list[dict[str, Any]]) -> str:
                     f"| {r['method']} | {alpha} | {_pm(m['accuracy'])} | {_pm(m['retention'])} "
                     f"| {kept} | {_pm(m['nll_rise'], 1.0, 3)} |"
                 )
+    pairs = keep_pairs(rows)
+    if pairs:
+        lines += ["", "Each method beside its `+keep` (ratios to the method's own run; s/step: "
+                  "median wall seconds per optimizer step; training time: every step of the "
+                  "sequence, so it counts the extra steps of `--keep-equal-task-rows`):", "", pairs]
+    return "\n".join(lines)
+
+
+def keep_pairs(rows: list[dict[str, Any]]) -> str:
+    """Each method beside its ``<method>+keep`` (real-model rows of :func:`summarize`).
+
+    One line per method that has both: learning (right after each task) and its ratio to
+    the method's own, the known facts kept at the end (and, with ``keep``, on probe items
+    no rehearsal row mentions), the NLL rise at the end, and the keep run's median wall
+    seconds per optimizer step and training seconds over the sequence against the
+    method's. Empty when no method has both.
+
+    Example:
+        >>> row = {"learning_accuracy": (0.8, 0.0), "retention": (0.3, 0.0),
+        ...        "nll_rise": (0.5, 0.0), "step_seconds": 2.0, "seeds": 2}
+        >>> keep = dict(row, learning_accuracy=(0.84, 0.0), retention=(0.75, 0.0),
+        ...             step_seconds=3.0, kept_untouched=(0.7, 0.0))
+        >>> print(keep_pairs([dict(row, method="lora"), dict(keep, method="lora+keep")]))
+        | method | learning acc % | x method's | known kept at end % | kept, never rehearsed % | NLL rise at end | s/step x | training time x | seeds |
+        |---|---|---|---|---|---|---|---|---|
+        | lora | 80.0 ± 0.0 | 1.00 | 30.0 ± 0.0 | - | +0.500 ± 0.000 | 1.00 | - | 2 |
+        | lora+keep | 84.0 ± 0.0 | 1.05 | 75.0 ± 0.0 | 70.0 ± 0.0 | +0.500 ± 0.000 | 1.50 | - | 2 |
+    """
+    by_name = {r["method"]: r for r in rows}
+    pairs = [(by_name[r["method"][: -len("+keep")]], r) for r in rows
+             if r["method"].endswith("+keep") and r["method"][: -len("+keep")] in by_name]
+    if not pairs:
+        return ""
+    lines = ["| method | learning acc % | x method's | known kept at end % "
+             "| kept, never rehearsed % | NLL rise at end | s/step x | training time x "
+             "| seeds |", "|" + "---|" * 9]
+    for plain, keep in pairs:
+        for r in (plain, keep):
+            time = "-"
+            if "train_seconds" in r and "train_seconds" in plain:
+                time = f"{r['train_seconds'][0] / plain['train_seconds'][0]:.2f}"
+            kept = _pm(r["kept_untouched"]) if "kept_untouched" in r else "-"
+            nll = r["nll_rise"]
+            lines.append(
+                f"| {r['method']} | {_pm(r['learning_accuracy'])} "
+                f"| {r['learning_accuracy'][0] / plain['learning_accuracy'][0]:.2f} "
+                f"| {_pm(r['retention'])} | {kept} | {nll[0]:+.3f} ± {nll[1]:.3f} "
+                f"| {r['step_seconds'] / plain['step_seconds']:.2f} | {time} | {r['seeds']} |"
+            )
     return "\n".join(lines)
 
 
