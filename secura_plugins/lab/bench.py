@@ -123,8 +123,17 @@ class LabConfig:
                 )
         if not self.methods:
             raise SecuraConfigError("methods", "give at least one method")
-        for name in self.methods:
-            method_spec(name, self.keep)
+        families = {name: method_spec(name, self.keep).family for name in self.methods}
+        grids = self.lr_grid if isinstance(self.lr_grid, dict) else {}
+        for what, keys in (("lrs", self.lrs), ("lr_grid", grids)):
+            for key in keys:
+                if key in families.values():
+                    continue
+                fix = (f"{key} trains at the rate of its family, so give {families[key]}=LR"
+                       if key in families else "give a family of this run's methods")
+                raise SecuraConfigError(  # it would be ignored, and the run use another rate
+                    what, f"{key!r} is no method family of this run; {fix} (families: "
+                    f"{', '.join(sorted(set(families.values())))})")
         for alpha in self.alphas:
             if not alpha > 0:
                 raise SecuraConfigError("alphas", f"must be > 0 (0 is the base), got {alpha}")

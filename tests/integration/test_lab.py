@@ -202,6 +202,12 @@ def test_config_errors_name_the_field():
         LabConfig(tasks=["nope"])
     with pytest.raises(ValueError, match="tasks"):
         LabConfig(tasks=17)
+    # a rate keyed by a method, not its family, was ignored: lora+replay ran at 1e-3
+    with pytest.raises(SecuraConfigError, match="lrs: 'lora\\+replay'.* give lora=LR"):
+        LabConfig(methods=["lora+replay"], lrs={"lora+replay": 3e-3})
+    with pytest.raises(SecuraConfigError, match="lr_grid: 'dora'.*families: lora, lora\\+keep"):
+        LabConfig(methods=["lora", "lora+keep"], lr_grid={"dora": (1e-3,)})
+    assert LabConfig(methods=["lora+replay"], lrs={"lora": 3e-3}).lr_for("lora") == 3e-3
 
 
 def test_bench_command(lab_cache, tmp_path, capsys):
