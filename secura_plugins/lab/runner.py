@@ -43,6 +43,7 @@ import logging
 import math
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,9 @@ class _LabHooks(SequenceHooks):
         if self.method.keep:
             logs = [h["keep/kl"] for h in trainer.state.log_history if "keep/kl" in h]
             record["keep_kl"].append(sum(logs) / len(logs) if logs else None)
+            # what the base wrote for this task, by kind: a time or attempt bound shows here
+            kinds = Counter(r["kind"] for r in (self.keeps[-1].rows or [] if self.keeps else []))
+            record.setdefault("keep_rows", []).append(dict(sorted(kinds.items())))
         if torch.cuda.is_available():
             record.setdefault("cuda_peak_mib", []).append(torch.cuda.max_memory_allocated() / 2**20)
 

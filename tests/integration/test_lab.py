@@ -100,6 +100,10 @@ def test_keep_variant_of_a_lab_method_rehearses_and_anchors(lab_cache, tmp_path)
     plain = run_sequence(base, method_spec("lora"), **run)
     assert kept["method"] == "lora+keep" and "keep_kl" not in plain
     assert len(kept["keep_kl"]) == 2 and all(v is not None and v > 0 for v in kept["keep_kl"])
+    # the rows the base wrote for each task are on record, by kind ("task" / "generic")
+    assert len(kept["keep_rows"]) == 2 and "keep_rows" not in plain
+    assert all(sum(n.values()) > 0 and set(n) <= {"task", "generic", "text", "chat"}
+               for n in kept["keep_rows"]), kept["keep_rows"]
     assert kept["train_loss"] != plain["train_loss"]  # rehearsal rows were trained on
     with pytest.raises(SecuraConfigError, match="keep needs an adapter"):
         method_spec("full+keep")
