@@ -77,7 +77,9 @@ class KeepConfig:
             the base's answers to other sentences of that shape, which a task teaching
             "<subject> is <new answer>" otherwise overwrites.
         kl_lambda: weight of ``KL(p_base || p_model)``; 0 switches the anchor off.
-        kl_on_task: also anchor on the task's own rows (not only on rehearsal rows).
+        kl_on_task: also anchor on the task's own rows (not only on rehearsal rows). Off in
+            the preset: on the lab's new-facts task it pulled the new answers back to the
+            base's (59% learned against 97-100%) and kept no more (BENCHMARKS.md).
         kl_mode: ``in_step`` (teacher forward with the adapter disabled, every step) or
             ``cached`` (the base's top-``kl_topk`` log-probabilities of every rehearsal
             row, computed once after generation; task rows still use ``in_step``).
