@@ -12,6 +12,9 @@ Example:
     >>> spec = method_spec("lora+keep", keep={"kl_mode": "cached"})
     >>> spec.family, spec.keep
     ('lora+keep', {'preset': 'keep', 'kl_mode': 'cached'})
+    >>> both = method_spec("lora+replay+keep")  # continual extras compose with keep
+    >>> both.family, both.replay, both.keep
+    ('lora+replay+keep', 0.2, 'keep')
 """
 
 from __future__ import annotations
