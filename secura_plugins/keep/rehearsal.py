@@ -320,6 +320,39 @@ def _prompt_batch(
     return batch
 
 
+def _task_shaped(prefix: str, continuation: str, ending: str) -> str:
+    """``prefix`` + ``continuation`` up to the task prompts' shared ``ending``, or ``""``
+    when the sampled text does not take the task's shape.
+
+    An ending that spans lines (``"'s job?\\nA:"`` in a Q/A template) is matched on the
+    sampled first line by its first line; a sampled line that instead ends with the same
+    mark (another question) takes the rest of the ending too. Either way the prompt has
+    the task's layout with another subject or question.
+
+    >>> _task_shaped("The capital of", " Peru is Lima.", " is")
+    'The capital of Peru is'
+    >>> _task_shaped("Q: What is", " Ada Lovelace's job?\\nA: She", "'s job?\\nA:")
+    "Q: What is Ada Lovelace's job?\\nA:"
+    >>> _task_shaped("Q: What is", " the boiling point of water?", "'s job?\\nA:")
+    'Q: What is the boiling point of water?\\nA:'
+    >>> _task_shaped("Q: What is", " the", "'s job?\\nA:")  # not a question: no shape
+    ''
+    """
+    line = continuation.split("\n", 1)[0]
+    head, newline, rest = ending.partition("\n")
+    word = head.strip()
+    if word:
+        start = r"(?<!\w)" if word[:1].isalnum() else ""  # "is", not "This"
+        found = re.search(start + re.escape(word) + r"(?=\W|$)", line)
+        if found:
+            return prefix + line[: found.end()] + newline + rest
+    mark = word[-1:] if word and not word[-1].isalnum() else ""
+    if newline and line.strip() and (line.rstrip().endswith(mark) if mark
+                                     else "\n" in continuation):
+        return prefix + line.rstrip() + newline + rest
+    return ""
+
+
 def _sample_prompts(
     model: Any, tokenizer: Any, batch: list[tuple[str, str, int, str]], config: KeepConfig,
     seed: int, budget: int = 0,
@@ -334,10 +367,7 @@ def _sample_prompts(
         if kind == "task":
             line = cont.split("\n", 1)[0]
             if ending:  # up to the shared ending, or nothing (no task shape)
-                word = ending.strip()
-                start = r"(?<!\w)" if word[:1].isalnum() else ""  # "is", not "This"
-                found = re.search(start + re.escape(word) + r"(?=\W|$)", line)
-                text = prefix + line[: found.end()] if found else ""
+                text = _task_shaped(prefix, cont, ending)
                 if prefix in _OPENINGS and not line[:1].isspace():
                     text = ""  # "The-is": the opening must be followed by a new word
             else:
