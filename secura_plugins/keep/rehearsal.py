@@ -326,8 +326,9 @@ def _task_shaped(prefix: str, continuation: str, ending: str) -> str:
 
     An ending that spans lines (``"'s job?\\nA:"`` in a Q/A template) is matched on the
     sampled first line by its first line; a sampled line that instead ends with the same
-    mark (another question) takes the rest of the ending too. Either way the prompt has
-    the task's layout with another subject or question.
+    mark (another question) takes the rest of the ending too, and a finished line takes
+    an ending that is only punctuation. Either way the prompt has the task's layout with
+    another subject or question.
 
     >>> _task_shaped("The capital of", " Peru is Lima.", " is")
     'The capital of Peru is'
@@ -337,6 +338,8 @@ def _task_shaped(prefix: str, continuation: str, ending: str) -> str:
     'Q: What is the boiling point of water?\\nA:'
     >>> _task_shaped("Q: What is", " the", "'s job?\\nA:")  # not a question: no shape
     ''
+    >>> _task_shaped("Initials of", " Ada Byron\\nThe", "?")  # a finished line, the task's "?"
+    'Initials of Ada Byron?'
     """
     line = continuation.split("\n", 1)[0]
     head, newline, rest = ending.partition("\n")
@@ -350,6 +353,8 @@ def _task_shaped(prefix: str, continuation: str, ending: str) -> str:
     if newline and line.strip() and (line.rstrip().endswith(mark) if mark
                                      else "\n" in continuation):
         return prefix + line.rstrip() + newline + rest
+    if word and not any(c.isalnum() for c in word) and line.strip() and "\n" in continuation:
+        return prefix + line.rstrip(" .,:;") + head.lstrip()  # a finished line + the "?"
     return ""
 
 
