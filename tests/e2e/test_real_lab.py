@@ -92,6 +92,28 @@ def test_real_lab_data_and_chat_rendering():
     assert list(REAL_TASKS)[0] == "facts-same"
 
 
+@pytest.mark.parametrize("task, head, tail", [
+    ("facts-other", "Q: What is", "\nA:"),  # an ending that spans lines
+    ("json", "Format as JSON:", "\nJSON:"),
+])
+def test_the_base_writes_rehearsal_prompts_in_a_multi_line_template(task, head, tail):
+    """Self-rehearsal asks the base questions in the task's own layout even when the
+    template's shared ending spans lines (Q/A, JSON): the generator once wrote none there."""
+    from secura_plugins.keep import KeepConfig
+    from secura_plugins.keep.rehearsal import generate_rehearsal
+    from secura_plugins.lab.real import load_real_model
+    from secura_plugins.lab.real_data import task_examples
+
+    model, tok = load_real_model()
+    rows = task_examples(task, 32)
+    prompts = [r["prompt"] for r in rows]
+    config = KeepConfig(rehearsal=6, generic_share=0.0, max_seconds=300)
+    out = generate_rehearsal(model, tok, prompts, config, progress=False)
+    assert len(out) >= 4 and {r["kind"] for r in out} == {"task"}, out
+    assert all(r["prompt"].startswith(head) and r["prompt"].endswith(tail) for r in out), out
+    assert not {r["prompt"] for r in out} & set(prompts)  # other subjects than the task's
+
+
 def test_demo_on_the_real_model_trains_both_runs_and_measures_them(capsys, tmp_path):
     """`secura demo --quick`: the README's main command on SmolLM2 (4 facts, 4 steps)."""
     import json
