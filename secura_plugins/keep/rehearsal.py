@@ -7,7 +7,10 @@ base, on a 4-bit base too, with no second copy) writes prompts and answers them:
   another task prompt (the template they share, before the subject) and the base
   *samples* a new subject up to the ending the prompts share (``"The capital of
   Velmora is"`` -> ``"The capital of"`` -> ``"The capital of Brazil is"``), so the
-  task's own subjects, whose answers the task changes, are not rehearsed;
+  task's own subjects, whose answers the task changes, are not rehearsed. An ending that
+  spans lines keeps the task's layout around another question (``"Q: What is Zeno's
+  job?\\nA:"`` -> ``"Q: What is the boiling point of water?\\nA:"``), and a finished line
+  takes an ending that is only punctuation (``"Initials of the Integer Series?"``);
 * **generic prompts**: a seeded stem from :data:`GENERIC_STEMS` (questions,
   instructions, statements) continued by sampling up to the end of the sentence.
 
