@@ -71,6 +71,14 @@ class KeepConfig:
             rows for the KL anchor and SC-LoRA only, without training on them.
         generic_share: share of rehearsal prompts in generic shapes (the rest follow the
             shapes of the task's prompts).
+        task_layout: also write task-shaped prompts when the base never reaches the task
+            prompts' exact shared ending: on templates whose ending spans lines (``"Q: ...'s
+            job?\\nA:"``: another question in the task's layout) or is only punctuation
+            (``"Initials of X?"``). Off in the preset, where such tasks get generic rows
+            only (and fewer rows than ``rehearsal``): on the lab's four tasks (DoRA +
+            ``keep``, 2 seeds) it learned more (96.1% against 91.8%) but kept less of
+            what the base knew (70.3% against 78.2%) at a larger NLL rise (+0.195
+            against +0.114; BENCHMARKS.md).
         ending_share: share of the task-shaped prompts that keep the *ending* the task's
             prompts share (a word such as " is") after a generic opening, instead of their
             template (``"The Eiffel Tower is"`` rather than ``"The capital of Brazil is"``):
@@ -121,6 +129,7 @@ class KeepConfig:
     ratio: float = 0.5
     generic_share: float = 0.5
     ending_share: float = 0.0
+    task_layout: bool = False
     kl_lambda: float = 1.0
     kl_on_task: bool = False
     kl_mode: str = "in_step"
@@ -153,6 +162,8 @@ class KeepConfig:
         for name in ("generic_share", "ending_share"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise bad(name, f"must lie in [0, 1], got {getattr(self, name)}")
+        if not isinstance(self.task_layout, bool):
+            raise bad("task_layout", f"must be true or false, got {self.task_layout!r}")
         if float(self.kl_lambda) < 0:
             raise bad("kl_lambda", f"must be >= 0, got {self.kl_lambda}")
         if float(self.max_seconds) <= 0 or float(self.temperature) <= 0:

@@ -7,7 +7,8 @@ base, on a 4-bit base too, with no second copy) writes prompts and answers them:
   another task prompt (the template they share, before the subject) and the base
   *samples* a new subject up to the ending the prompts share (``"The capital of
   Velmora is"`` -> ``"The capital of"`` -> ``"The capital of Brazil is"``), so the
-  task's own subjects, whose answers the task changes, are not rehearsed. An ending that
+  task's own subjects, whose answers the task changes, are not rehearsed. With
+  ``task_layout`` (off in the preset, see :class:`KeepConfig`), an ending that
   spans lines keeps the task's layout around another question (``"Q: What is Zeno's
   job?\\nA:"`` -> ``"Q: What is the boiling point of water?\\nA:"``), and a finished line
   takes an ending that is only punctuation (``"Initials of the Integer Series?"``);
@@ -323,11 +324,12 @@ def _prompt_batch(
     return batch
 
 
-def _task_shaped(prefix: str, continuation: str, ending: str) -> str:
+def _task_shaped(prefix: str, continuation: str, ending: str, layout: bool = True) -> str:
     """``prefix`` + ``continuation`` up to the task prompts' shared ``ending``, or ``""``
     when the sampled text does not take the task's shape.
 
-    An ending that spans lines (``"'s job?\\nA:"`` in a Q/A template) is matched on the
+    Without ``layout`` the exact ending must appear on the sampled first line (the
+    ``keep`` preset). With it, an ending that spans lines (``"'s job?\\nA:"`` in a Q/A template) is matched on the
     sampled first line by its first line; a sampled line that instead ends with the same
     mark (another question) takes the rest of the ending too, and a finished line takes
     an ending that is only punctuation. Either way the prompt has the task's layout with
@@ -339,19 +341,23 @@ def _task_shaped(prefix: str, continuation: str, ending: str) -> str:
     "Q: What is Ada Lovelace's job?\\nA:"
     >>> _task_shaped("Q: What is", " the boiling point of water?", "'s job?\\nA:")
     'Q: What is the boiling point of water?\\nA:'
+    >>> _task_shaped("Q: What is", " the boiling point of water?", "'s job?\\nA:", layout=False)
+    ''
     >>> _task_shaped("Q: What is", " the", "'s job?\\nA:")  # not a question: no shape
     ''
     >>> _task_shaped("Initials of", " Ada Byron\\nThe", "?")  # a finished line, the task's "?"
     'Initials of Ada Byron?'
     """
     line = continuation.split("\n", 1)[0]
-    head, newline, rest = ending.partition("\n")
+    head, newline, rest = ending.partition("\n") if layout else (ending, "", "")
     word = head.strip()
     if word:
         start = r"(?<!\w)" if word[:1].isalnum() else ""  # "is", not "This"
         found = re.search(start + re.escape(word) + r"(?=\W|$)", line)
         if found:
             return prefix + line[: found.end()] + newline + rest
+    if not layout:
+        return ""
     mark = word[-1:] if word and not word[-1].isalnum() else ""
     if newline and line.strip() and (line.rstrip().endswith(mark) if mark
                                      else "\n" in continuation):
@@ -375,7 +381,7 @@ def _sample_prompts(
         if kind == "task":
             line = cont.split("\n", 1)[0]
             if ending:  # up to the shared ending, or nothing (no task shape)
-                text = _task_shaped(prefix, cont, ending)
+                text = _task_shaped(prefix, cont, ending, config.task_layout)
                 if prefix in _OPENINGS and not line[:1].isspace():
                     text = ""  # "The-is": the opening must be followed by a new word
             else:

@@ -166,6 +166,8 @@ class Keep:
             out["generic_format"] = self.config.generic_format
         if self.config.ending_share:
             out["ending_share"] = self.config.ending_share
+        if self.config.task_layout:
+            out["task_layout"] = True
         return out
 
     def ensure_rows(
@@ -205,9 +207,14 @@ class Keep:
             chat=bool(self.chat), progress=self.progress, row_tokens=self.row_tokens,
         )
         if len(self.rows) < self.config.rehearsal:
+            shapeless = self.task_prompts and not self.config.task_layout and not any(
+                r["kind"] == "task" for r in self.rows)
             logger.warning(
-                "self-rehearsal wrote %d of %d rows (time or attempt bound)",
+                "self-rehearsal wrote %d of %d rows (time or attempt bound)%s",
                 len(self.rows), self.config.rehearsal,
+                "; no sampled prompt reached the ending the task's prompts share, so every "
+                "row is generic (task_layout: true writes prompts in the task's layout)"
+                if shapeless else "",
             )
         if run_dir is not None:
             self.save(run_dir)

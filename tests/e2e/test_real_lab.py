@@ -97,8 +97,9 @@ def test_real_lab_data_and_chat_rendering():
     ("json", "Format as JSON:", "\nJSON:"),
 ])
 def test_the_base_writes_rehearsal_prompts_in_a_multi_line_template(task, head, tail):
-    """Self-rehearsal asks the base questions in the task's own layout even when the
-    template's shared ending spans lines (Q/A, JSON): the generator once wrote none there."""
+    """With ``task_layout``, self-rehearsal asks the base questions in the task's own
+    layout even when the template's shared ending spans lines (Q/A, JSON), where the
+    exact-ending search of the preset writes none."""
     from secura_plugins.keep import KeepConfig
     from secura_plugins.keep.rehearsal import generate_rehearsal
     from secura_plugins.lab.real import load_real_model
@@ -107,7 +108,7 @@ def test_the_base_writes_rehearsal_prompts_in_a_multi_line_template(task, head, 
     model, tok = load_real_model()
     rows = task_examples(task, 32)
     prompts = [r["prompt"] for r in rows]
-    config = KeepConfig(rehearsal=6, generic_share=0.0, max_seconds=300)
+    config = KeepConfig(rehearsal=6, generic_share=0.0, max_seconds=300, task_layout=True)
     out = generate_rehearsal(model, tok, prompts, config, progress=False)
     assert len(out) >= 4 and {r["kind"] for r in out} == {"task"}, out
     assert all(r["prompt"].startswith(head) and r["prompt"].endswith(tail) for r in out), out
