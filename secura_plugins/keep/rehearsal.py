@@ -329,11 +329,11 @@ def _task_shaped(prefix: str, continuation: str, ending: str, layout: bool = Tru
     when the sampled text does not take the task's shape.
 
     Without ``layout`` the exact ending must appear on the sampled first line (the
-    ``keep`` preset). With it, an ending that spans lines (``"'s job?\\nA:"`` in a Q/A template) is matched on the
-    sampled first line by its first line; a sampled line that instead ends with the same
-    mark (another question) takes the rest of the ending too, and a finished line takes
-    an ending that is only punctuation. Either way the prompt has the task's layout with
-    another subject or question.
+    ``keep`` preset). With it, an ending that spans lines (``"'s job?\\nA:"`` in a Q/A
+    template) is matched on the sampled first line by its first line; a sampled line that
+    instead ends with the same mark (another question) takes the rest of the ending too,
+    and a finished line takes an ending that is only punctuation. Either way the prompt
+    has the task's layout with another subject or question.
 
     >>> _task_shaped("The capital of", " Peru is Lima.", " is")
     'The capital of Peru is'
