@@ -133,6 +133,21 @@ def test_fixed_max_steps_warns_that_the_task_gets_fewer_rows(tmp_path, caplog):
     assert "max_steps" not in caplog.text and len(trainer.train_dataset) > 32
 
 
+def test_shortfall_warning_names_task_layout_when_no_row_takes_the_task_shape(caplog):
+    """A template whose shared ending spans lines ("\\nA:") gets no task-shaped rows from
+    the preset's exact-ending search: the warning says why and names ``task_layout``."""
+    tok = build_tokenizer()
+    model = _adapted("lora", tok)
+    prompts = [f"Q: {a} plus {b}?\nA:" for a in range(4) for b in range(4)]
+    keep = Keep(KeepConfig(rehearsal=4, max_new_tokens=4, batch_size=8), task_prompts=prompts,
+                progress=False)
+    keep.chat = False
+    with caplog.at_level("WARNING", logger="secura_plugins.keep.runtime"):
+        rows = keep.ensure_rows(model, tok)
+    assert not any(r["kind"] == "task" for r in rows)
+    assert "so every row is generic (task_layout: true" in caplog.text
+
+
 def test_kl_off_logs_nothing_and_rehearsal_still_mixes(tmp_path):
     trainer, _ = _trainer(tmp_path, _keep(kl_lambda=0.0))
     trainer.train()
