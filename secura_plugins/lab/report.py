@@ -205,7 +205,7 @@ def _plt():
 def plot_retention(rows: list[dict[str, Any]], tasks: Sequence[str], path: str | Path) -> Path:
     """Base-knowledge retention after each task, one line per method (band = ± sd)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=110)
     xs = list(range(0, len(tasks) + 1))
     for i, r in enumerate(rows):
         means = [1.0] + [m for m, _ in r["retention_curve"]]
@@ -226,7 +226,8 @@ def plot_retention(rows: list[dict[str, Any]], tasks: Sequence[str], path: str |
     ax.set_ylim(-2, 105)
     ax.axhline(90, color="grey", lw=0.8, ls="--")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    # Outside the axes: with a dozen methods a legend inside hides the curves.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title("Retention of the base model's knowledge across the task sequence")
     fig.tight_layout()
     path = Path(path)
