@@ -52,6 +52,8 @@ def test_adapter_disabled_is_the_base(method):
 
 
 def _rows(model, tok, **kw):
+    # (seed 3: on this random tiny model, whether both kinds fill within the attempt bound
+    # is luck of the sampling; with seed 3 they do)
     cfg = KeepConfig(rehearsal=12, max_new_tokens=4, batch_size=8, seed=3, **kw)
     prompts = [f"{a}+{b}=" for a in range(6) for b in range(6)]
     return generate_rehearsal(model, tok, prompts, cfg, progress=False), prompts, cfg
